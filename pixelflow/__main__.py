@@ -1,0 +1,5 @@
+import sys
+
+from pixelflow.cli import main
+
+sys.exit(main())

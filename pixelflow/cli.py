@@ -1,0 +1,94 @@
+"""`pixelflow` command line: thin parsing that calls into the library; user errors become one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pixelflow.config import ConfigError, load_config
+from pixelflow.data.shard_format import ShardFormatError
+from pixelflow.train.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pixelflow.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from pixelflow.generate import generate, load_for_sampling, save_grid
+    from pixelflow.train.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg = load_for_sampling(args.checkpoint, args.weights, device)
+    labels = None
+    if cfg.model.num_classes > 0:
+        classes = args.classes if args.classes is not None else list(range(min(cfg.model.num_classes, 8)))
+        bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
+        if bad:
+            raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
+        labels = [c for _ in range(args.per_class) for c in classes]  # one column per class
+    count = len(labels) if labels is not None else args.num
+    steps = args.steps or cfg.sample.steps_per_stage
+    scale = cfg.sample.cfg if args.cfg is None else args.cfg
+    with torch.inference_mode():
+        images = generate(model, cfg, labels, count, args.seed, steps, scale, device)
+    columns = len(classes) if labels is not None and args.per_class > 1 else None
+    print(f"wrote {save_grid(images, args.out, columns)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelflow", description="Train and sample PixelFlow models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train or resume a run from a YAML config",
+        description="Train (or resume, if the run directory has checkpoints) a model.",
+    )
+    train.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    train.set_defaults(func=_train)
+
+    sample = commands.add_parser(
+        "sample",
+        help="sample an image grid from a checkpoint",
+        description="Generate images with the cascade Euler sampler and write a PNG grid.",
+    )
+    sample.add_argument("--checkpoint", required=True, help="checkpoint file, checkpoints directory or run directory")
+    sample.add_argument("--out", required=True, help="PNG file to write")
+    sample.add_argument("--classes", type=int, nargs="+", help="class ids (default: the first 8)")
+    sample.add_argument("--per-class", type=int, default=1, help="images per class (default 1)")
+    sample.add_argument("--num", type=int, default=8, help="images for a model without classes (default 8)")
+    sample.add_argument(
+        "--steps", type=int, help="Euler steps per stage (default: the config's sample.steps_per_stage)"
+    )
+    sample.add_argument("--cfg", type=float, help="final-stage CFG scale; 0 disables guidance (default: config)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default ema)")
+    sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sample.set_defaults(func=_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as exc:
+        print(f"pixelflow: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Run configuration: a dataclass schema filled from omegaconf YAML plus `key=value` overrides.
+
+Every mistake a user can make in a config (unknown key, wrong type, impossible value) is reported as one
+`ConfigError` line naming the key and where it came from, before anything expensive starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line for the user."""
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 28
+    num_heads: int = 16
+    head_dim: int = 72
+    patch_size: int = 4
+    in_channels: int = 3
+    num_classes: int = 1000  # class-conditional; the extra row num_classes is the null (CFG) class
+    class_dropout: float = 0.1
+    mlp_ratio: float = 4.0
+    attention_bias: bool = True
+
+
+@dataclass
+class CascadeConfig:
+    stages: int = 4
+    gamma: float = -1.0 / 3.0  # correlation of the 2x2 block noise used when moving up a stage
+    num_train_timesteps: int = 1000
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING  # directory (or s3://bucket/prefix) holding manifest.json and the shards
+    resolution: int = 256
+    num_workers: int = 2
+    shuffle_block: int = 1000  # samples shuffled together inside one reading lane
+
+
+@dataclass
+class TrainConfig:
+    steps: int = MISSING
+    global_batch: int = 256
+    micro_batch: int = 0  # samples per forward/backward; 0 = the whole global batch at once
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class SampleConfig:
+    steps_per_stage: int = 30
+    cfg: float = 2.4
+    cfg_ramp: list[float] | None = None  # per-stage CFG ramp; None = the paper's (0, 1/6, 2/3, 1)
+    shift: float = 1.0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "pixelflow"
+    name: str | None = None
+
+
+@dataclass
+class Config:
+    run_dir: str = MISSING
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    message = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    if type(exc).__name__ == "ConfigKeyError":
+        return f"unknown key '{key}'"
+    if type(exc).__name__ == "MissingMandatoryValue":
+        return f"'{key}' is required but not set"
+    return f"'{key}': {message}"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides, validate, and return the typed Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        from_file = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors have many classes; all mean the same to the user
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if not OmegaConf.is_dict(from_file):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+
+    cfg = OmegaConf.structured(Config)
+    try:
+        cfg = OmegaConf.merge(cfg, from_file)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_explain(exc)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command line override '{item}': {_explain(exc)}") from None
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_explain(exc)}") from None
+
+    overridden = {item.split("=", 1)[0].strip() for item in overrides}
+    problem = first_problem(config)
+    if problem is not None:
+        key, reason = problem
+        source = "command line override" if key in overridden else str(path)
+        raise ConfigError(f"{source}: '{key}' {reason}")
+    return config
+
+
+def first_problem(cfg: Config) -> tuple[str, str] | None:
+    """The first impossible value in cfg as (key, reason), or None when the config can run."""
+    m, c, d, t = cfg.model, cfg.cascade, cfg.data, cfg.train
+    granule = m.patch_size * 2 ** (c.stages - 1)
+    checks: list[tuple[bool, str, str]] = [
+        (c.stages >= 1, "cascade.stages", f"= {c.stages} must be at least 1"),
+        (m.patch_size >= 1, "model.patch_size", f"= {m.patch_size} must be at least 1"),
+        (
+            d.resolution % granule == 0 and d.resolution > 0,
+            "data.resolution",
+            f"= {d.resolution} must be a positive multiple of patch_size * 2^(stages-1) = {granule}",
+        ),
+        (m.depth >= 1, "model.depth", f"= {m.depth} must be at least 1"),
+        (m.num_heads >= 1, "model.num_heads", f"= {m.num_heads} must be at least 1"),
+        (
+            m.head_dim % 4 == 0 and m.head_dim > 0,
+            "model.head_dim",
+            f"= {m.head_dim} must be a positive multiple of 4 (2D RoPE)",
+        ),
+        (m.num_classes >= 0, "model.num_classes", f"= {m.num_classes} must not be negative"),
+        (0.0 <= m.class_dropout < 1.0, "model.class_dropout", f"= {m.class_dropout} must be in [0, 1)"),
+        (m.mlp_ratio > 0, "model.mlp_ratio", f"= {m.mlp_ratio} must be positive"),
+        (c.gamma < 0, "cascade.gamma", f"= {c.gamma} must be negative (block-noise correlation)"),
+        (c.num_train_timesteps >= c.stages, "cascade.num_train_timesteps", "must be at least cascade.stages"),
+        (d.num_workers >= 0, "data.num_workers", f"= {d.num_workers} must not be negative"),
+        (d.shuffle_block >= 1, "data.shuffle_block", f"= {d.shuffle_block} must be at least 1"),
+        (bool(d.path), "data.path", "must name a dataset directory or s3:// prefix"),
+        (t.steps >= 1, "train.steps", f"= {t.steps} must be at least 1"),
+        (t.global_batch >= 1, "train.global_batch", f"= {t.global_batch} must be at least 1"),
+        (
+            t.micro_batch >= 0 and (t.micro_batch == 0 or t.global_batch % t.micro_batch == 0),
+            "train.micro_batch",
+            f"= {t.micro_batch} must be 0 or divide train.global_batch = {t.global_batch}",
+        ),
+        (t.lr > 0, "train.lr", f"= {t.lr} must be positive"),
+        (t.weight_decay >= 0, "train.weight_decay", f"= {t.weight_decay} must not be negative"),
+        (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)"),
+        (t.warmup_steps >= 0, "train.warmup_steps", f"= {t.warmup_steps} must not be negative"),
+        (t.grad_clip > 0, "train.grad_clip", f"= {t.grad_clip} must be positive"),
+        (0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"= {t.ema_decay} must be in [0, 1)"),
+        (t.log_every >= 1, "train.log_every", f"= {t.log_every} must be at least 1"),
+        (t.precision in ("auto", "fp32", "bf16"), "train.precision", f"= '{t.precision}' must be auto, fp32 or bf16"),
+        (t.device in ("auto", "cpu", "cuda"), "train.device", f"= '{t.device}' must be auto, cpu or cuda"),
+        (cfg.checkpoint.every >= 1, "checkpoint.every", f"= {cfg.checkpoint.every} must be at least 1"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep", f"= {cfg.checkpoint.keep} must be at least 1"),
+        (cfg.sample.steps_per_stage >= 1, "sample.steps_per_stage", "must be at least 1"),
+        (cfg.sample.cfg >= 0, "sample.cfg", f"= {cfg.sample.cfg} must not be negative"),
+        (
+            cfg.sample.cfg_ramp is None or len(cfg.sample.cfg_ramp) == c.stages,
+            "sample.cfg_ramp",
+            f"must have one value per stage ({c.stages})",
+        ),
+        (cfg.sample.shift > 0, "sample.shift", f"= {cfg.sample.shift} must be positive"),
+        (
+            cfg.wandb.mode in ("disabled", "offline", "online"),
+            "wandb.mode",
+            f"= '{cfg.wandb.mode}' must be disabled, offline or online",
+        ),
+        (bool(cfg.run_dir), "run_dir", "must name a directory"),
+    ]
+    for ok, key, reason in checks:
+        if not ok:
+            return key, reason
+    return None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> Config:
+    """Rebuild a Config saved with to_yaml (e.g. inside a checkpoint)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)

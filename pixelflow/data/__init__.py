@@ -1,0 +1,1 @@
+"""Reading training data: the shard format, streaming loader, image decoding and stage planning."""

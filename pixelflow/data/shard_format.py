@@ -1,0 +1,219 @@
+"""The one shard format, shared by the writer (data_tools) and the reader (pixelflow.data).
+
+A dataset is a directory (local or s3://bucket/prefix) holding:
+- `shard-NNNNNN.tar`: webdataset tars, one sample = `{key}.{jpg|png|webp}`, `{key}.txt` (caption) and
+  `{key}.json` (metadata: label, width, height, source), written back to back;
+- `shard-NNNNNN.index.json`: per-shard index with each sample's key, byte offset and length in the tar,
+  image size and label. A shard is complete only once its index exists (written after the tar);
+- `manifest.json`: the shard list with counts and the format version. Readers start from it and never list
+  the bucket.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from webdataset.tariterators import tar_file_iterator
+
+FORMAT_NAME = "pixelflow-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-]*$")
+
+
+class ShardFormatError(ValueError):
+    """A dataset file does not follow the shard format; the message names the file."""
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
+
+
+def index_name(shard: str) -> str:
+    return shard[: -len(".tar")] + ".index.json"
+
+
+def check_key(key: str) -> str:
+    """Sample keys become tar member names: letters, digits, '_' and '-' only, so no member can escape."""
+    if not _KEY_PATTERN.match(key):
+        raise ShardFormatError(f"sample key {key!r} may only hold letters, digits, '_' and '-'")
+    return key
+
+
+@dataclass(frozen=True)
+class SampleEntry:
+    key: str
+    offset: int  # byte offset of the sample's first tar header in the shard
+    length: int  # bytes spanned by all the sample's members
+    image: str  # image member extension
+    width: int
+    height: int
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    count: int
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardInfo]
+    num_classes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.count for shard in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "num_samples": self.num_samples,
+                "num_classes": self.num_classes,
+                "shards": [asdict(s) for s in self.shards],
+                **self.extra,
+            },
+            indent=1,
+        )
+
+    @staticmethod
+    def from_json(text: str, where: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+            if raw.get("format") != FORMAT_NAME:
+                raise ShardFormatError(f"{where}: not a {FORMAT_NAME} manifest")
+            if raw.get("version") != FORMAT_VERSION:
+                raise ShardFormatError(
+                    f"{where}: format version {raw.get('version')}, this reader knows {FORMAT_VERSION}"
+                )
+            shards = [ShardInfo(str(s["name"]), int(s["count"]), int(s["bytes"])) for s in raw["shards"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ShardFormatError):
+                raise
+            raise ShardFormatError(f"{where}: malformed manifest ({exc})") from None
+        return Manifest(shards=shards, num_classes=raw.get("num_classes"))
+
+
+def filesystem(path: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local directory or an fsspec URL such as s3://bucket/prefix."""
+    fs, root = fsspec.core.url_to_fs(path, **storage_options)
+    return fs, root.rstrip("/")
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest:
+    where = f"{root}/{MANIFEST_NAME}"
+    try:
+        text = fs.cat_file(where).decode()
+    except FileNotFoundError:
+        raise ShardFormatError(f"{where}: no manifest; is this a dataset written by pixelflow-data?") from None
+    return Manifest.from_json(text, where)
+
+
+def write_json_atomically(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
+    """Write text so that readers see either nothing or the whole file (rename on local disk; S3 PUT is atomic)."""
+    if isinstance(fs, LocalFileSystem):
+        temporary = path + ".partial"
+        fs.pipe_file(temporary, text.encode())
+        fs.mv(temporary, path)
+    else:
+        fs.pipe_file(path, text.encode())
+
+
+def read_index(fs: fsspec.AbstractFileSystem, root: str, shard: str) -> list[SampleEntry]:
+    where = f"{root}/{index_name(shard)}"
+    try:
+        raw = json.loads(fs.cat_file(where))
+        return [SampleEntry(**entry) for entry in raw["samples"]]
+    except FileNotFoundError:
+        raise ShardFormatError(f"{where}: index missing; the shard was never completed") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ShardFormatError(f"{where}: malformed index ({exc})") from None
+
+
+def index_json(shard: str, entries: list[SampleEntry], total_bytes: int) -> str:
+    return json.dumps(
+        {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "shard": shard,
+            "bytes": total_bytes,
+            "samples": [asdict(e) for e in entries],
+        }
+    )
+
+
+def parse_sample(raw: bytes, where: str) -> dict[str, bytes]:
+    """Members of one sample's tar bytes as {extension: data}; the key is checked against the index."""
+    members = {}
+    try:
+        for member in tar_file_iterator(io.BytesIO(raw)):
+            key, _, extension = member["fname"].partition(".")
+            members[extension] = member["data"]
+            members.setdefault("__key__", key.encode())
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise ShardFormatError(f"{where}: unreadable tar bytes ({exc})") from None
+    return members
+
+
+class ShardWriter:
+    """Appends samples to one tar on any fsspec filesystem and records the index as it goes.
+
+    Members get fixed metadata (mtime 0, uid 0, mode 0644) so the same input gives byte-identical shards.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, name: str):
+        self.fs, self.root, self.name = fs, root, name
+        self._file = fs.open(f"{root}/{name}", "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.entries: list[SampleEntry] = []
+
+    def _add_member(self, member: str, data: bytes) -> None:
+        info = tarfile.TarInfo(member)
+        info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def add(self, key: str, image: bytes, image_ext: str, caption: str, meta: dict) -> None:
+        check_key(key)
+        if image_ext not in IMAGE_EXTENSIONS:
+            raise ShardFormatError(f"sample {key}: image extension {image_ext!r} is not one of {IMAGE_EXTENSIONS}")
+        offset = self._tar.offset
+        self._add_member(f"{key}.{image_ext}", image)
+        self._add_member(f"{key}.txt", caption.encode())
+        self._add_member(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self.entries.append(
+            SampleEntry(
+                key,
+                offset,
+                self._tar.offset - offset,
+                image_ext,
+                int(meta["width"]),
+                int(meta["height"]),
+                meta.get("label"),
+            )
+        )
+
+    @property
+    def bytes_written(self) -> int:
+        return self._tar.offset
+
+    def close(self) -> ShardInfo:
+        """Finish the tar, then write its index: the index is the shard's commit marker."""
+        self._tar.close()
+        self._file.close()
+        total = self.fs.size(f"{self.root}/{self.name}")
+        write_json_atomically(
+            self.fs, f"{self.root}/{index_name(self.name)}", index_json(self.name, self.entries, total)
+        )
+        return ShardInfo(self.name, len(self.entries), total)

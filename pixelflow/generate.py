@@ -1,0 +1,73 @@
+"""Sampling from a trained checkpoint into an image grid."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pixelflow.cascade import CascadeSchedule, cfg_scales, default_cfg_ramp, sample, to_uint8
+from pixelflow.config import Config, from_yaml
+from pixelflow.model import PixelFlowTransformer
+from pixelflow.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+
+def load_for_sampling(checkpoint: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
+    """(model in eval mode, its Config) from a checkpoint file, checkpoints directory or run directory."""
+    state = load_checkpoint(resolve_checkpoint(checkpoint))
+    cfg = from_yaml(state["config"])
+    model = PixelFlowTransformer(cfg.model)
+    model.load_state_dict(state[weights])
+    return model.to(device).eval(), cfg
+
+
+def generate(
+    model: PixelFlowTransformer,
+    cfg: Config,
+    labels: list[int] | None,
+    count: int,
+    seed: int,
+    steps_per_stage: int,
+    cfg_scale: float,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """(count, 3, R, R) uint8 images; labels (one per image) for class-conditional models."""
+    schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
+    ramp = cfg.sample.cfg_ramp or default_cfg_ramp(schedule.stages)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    label_tensor = torch.tensor(labels, device=device) if labels is not None else None
+    use_bf16 = torch.device(device).type == "cuda"
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
+        images = sample(
+            model.forward_images,
+            schedule,
+            label_tensor,
+            count,
+            cfg.data.resolution,
+            generator,
+            steps_per_stage,
+            cfg_scales(cfg_scale, ramp),
+            model.null_class,
+            cfg.model.in_channels,
+            cfg.sample.shift,
+        )
+    return to_uint8(images).cpu()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
+    """Tile (B, 3, H, W) uint8 images into one PNG with a 2-pixel white gutter."""
+    count, _, height, width = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    gap = 2
+    canvas = np.full((rows * (height + gap) + gap, columns * (width + gap) + gap, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        top, left = gap + (i // columns) * (height + gap), gap + (i % columns) * (width + gap)
+        canvas[top : top + height, left : left + width] = image
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path

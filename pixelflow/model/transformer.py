@@ -1,0 +1,144 @@
+"""The PixelFlow transformer: plain torch, no data, training or distributed code.
+
+It computes what the public reference `PixelFlowModel` computes (AdaLN-Zero modulation from timestep +
+class + token-grid-size embeddings, 2D RoPE, q/k RMSNorm, GELU-tanh MLP), on one packed stream of tokens
+from images of any mix of resolutions. Token channels are ordered (c, py, px) on input and output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pixelflow.config import ModelConfig
+from pixelflow.model.attention import Attention, RMSNorm, StreamContext
+from pixelflow.model.embeddings import ScalarEmbedder, rope_table
+from pixelflow.model.layout import PackedLayout, patchify, unpatchify
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, int(dim * ratio))
+        self.fc2 = nn.Linear(int(dim * ratio), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.num_heads * cfg.head_dim
+        self.modulation = nn.Linear(dim, 6 * dim)
+        self.attn_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, cfg.num_heads, cfg.head_dim, bias=cfg.attention_bias)
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = FeedForward(dim, cfg.mlp_ratio)
+
+    def forward(self, x: torch.Tensor, silu_cond: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
+        per_token = self.modulation(silu_cond).index_select(0, ctx.sequence_of_token)
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = per_token.chunk(6, dim=-1)
+        x = x + gate_attn * self.attn(modulate(self.attn_norm(x), shift_attn, scale_attn), ctx)
+        return x + gate_mlp * self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, out_channels)
+
+    def forward(self, x: torch.Tensor, silu_cond: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
+        shift, scale = self.modulation(silu_cond).index_select(0, ctx.sequence_of_token).chunk(2, dim=-1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+class PixelFlowTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.num_heads * cfg.head_dim
+        token_channels = cfg.in_channels * cfg.patch_size**2
+        self.patch_embed = nn.Linear(token_channels, dim)
+        self.time_embed = ScalarEmbedder(dim)
+        self.size_embed = ScalarEmbedder(dim)
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, dim) if cfg.num_classes > 0 else None
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.depth)])
+        self.final = FinalLayer(dim, token_channels)
+        self._rope_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.reset_parameters()
+
+    @property
+    def null_class(self) -> int:
+        """Label of the unconditional (CFG) embedding row."""
+        return self.cfg.num_classes
+
+    def reset_parameters(self) -> None:
+        """The reference initialisation: xavier linears, N(0, 0.02) embedders, zeroed modulation and output."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for embedder in (self.time_embed, self.size_embed):
+            nn.init.normal_(embedder.linear_1.weight, std=0.02)
+            nn.init.normal_(embedder.linear_2.weight, std=0.02)
+        if self.class_embed is not None:
+            nn.init.normal_(self.class_embed.weight, std=0.02)
+        for layer in [block.modulation for block in self.blocks] + [self.final.modulation, self.final.proj]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def stream_context(self, layout: PackedLayout, device: torch.device) -> StreamContext:
+        rope = {}
+        for side in {run.side for run in layout.runs}:
+            key = (side, str(device))
+            if key not in self._rope_cache:
+                self._rope_cache[key] = rope_table(side, self.cfg.head_dim, device)
+            rope[side] = self._rope_cache[key]
+        return StreamContext(layout, layout.sequence_of_token(device), rope)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        layout: PackedLayout,
+        timesteps: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity for a packed stream.
+
+        tokens: (N, C*p*p) patch tokens of all sequences back to back, as `layout` describes them.
+        timesteps: (B,) global timesteps on the 0..num_train_timesteps scale, one per sequence.
+        labels: (B,) class ids, `null_class` for unconditional; None for a model without classes.
+        """
+        device = tokens.device
+        ctx = self.stream_context(layout, device)
+        sides = torch.tensor(layout.sides, dtype=torch.float32).to(device, non_blocking=True)
+        cond = self.time_embed(timesteps) + self.size_embed(sides)
+        if self.class_embed is not None:
+            cond = cond + self.class_embed(labels)
+        silu_cond = F.silu(cond)
+        x = self.patch_embed(tokens)
+        for block in self.blocks:
+            x = block(x, silu_cond, ctx)
+        return self.final(x, silu_cond, ctx)
+
+    def forward_images(
+        self, images: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Velocity for a plain batch of equal-size square images (B, C, H, W), as the sampler uses it."""
+        count, side = images.shape[0], images.shape[-1] // self.cfg.patch_size
+        layout = PackedLayout.from_sides([side] * count)
+        out = self.forward(patchify(images, self.cfg.patch_size), layout, timesteps, labels)
+        return unpatchify(out, count, side, self.cfg.patch_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,88 @@
+"""Training metrics: metrics.jsonl in the run directory, a progress bar, and optionally wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pixelflow.config import WandbConfig
+
+log = logging.getLogger(__name__)
+
+
+def _wandb_has_key() -> bool:
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step; on resume, drops lines past the checkpoint's step so a
+    restarted run never leaves duplicate or stale steps behind."""
+
+    def __init__(self, run_dir: Path, wandb_cfg: WandbConfig, config: dict, start_step: int, total_steps: int):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None)
+        self._wandb = self._start_wandb(wandb_cfg, run_dir, config)
+
+    @staticmethod
+    def _start_wandb(cfg: WandbConfig, run_dir: Path, config: dict):
+        if cfg.mode == "disabled":
+            return None
+        mode = cfg.mode
+        if mode == "online" and not _wandb_has_key():
+            log.warning("wandb.mode=online but no API key is configured; logging offline instead")
+            mode = "offline"
+        import wandb  # imported only when used: it is slow to import
+
+        return wandb.init(
+            project=cfg.project,
+            name=cfg.name,
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            resume="allow",
+            id=_wandb_run_id(run_dir),
+        )
+
+    def advance(self) -> None:
+        self._bar.update(1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self._bar.disable:
+            print(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                file=sys.stdout,
+                flush=True,
+            )
+        else:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+
+    def close(self) -> None:
+        self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """A stable id per run directory, so a resumed run continues the same wandb run."""
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.exists():
+        id_file.write_text(os.urandom(6).hex())
+    return id_file.read_text().strip()

@@ -1,0 +1,26 @@
+"""AdamW with linear warmup to a constant learning rate (the paper's schedule)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pixelflow.config import TrainConfig
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+        foreach=True,
+    )
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:  # step counts optimizer steps already taken
+        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,50 @@
+"""Shared fixtures: a small synthetic shard dataset and a tiny config that trains in seconds on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from data_tools.synthetic import write_synthetic_dataset  # noqa: E402
+from pixelflow.config import Config, load_config  # noqa: E402
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory) -> Path:
+    """192 synthetic 40x40 samples in 6 shards of 32."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_synthetic_dataset(str(root), count=192, per_shard=32, size=40, seed=1)
+    return root
+
+
+def tiny_config(run_dir: Path, data: Path, *overrides: str) -> Config:
+    """configs/demo.yaml shrunk to a 2-block, 32-pixel model that steps in milliseconds."""
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"run_dir={run_dir}",
+            f"data.path={data}",
+            "data.resolution=32",
+            "data.num_workers=0",
+            "data.shuffle_block=16",
+            "model.depth=2",
+            "model.num_heads=2",
+            "model.head_dim=16",
+            "train.global_batch=8",
+            "train.steps=6",
+            "train.log_every=1",
+            "train.warmup_steps=2",
+            "checkpoint.every=3",
+            "checkpoint.keep=5",
+            *overrides,
+        ],
+    )

@@ -1,0 +1,78 @@
+"""Config loading: the shipped configs load, and every kind of mistake fails with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pixelflow.config import ConfigError, load_config
+from tests.conftest import REPO
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "run_dir: runs/x\ndata: {path: d, resolution: 64}\ntrain: {steps: 3}\n"
+
+
+def test_shipped_configs_load():
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.data.resolution % (demo.model.patch_size * 2 ** (demo.cascade.stages - 1)) == 0
+    xl = load_config(REPO / "configs" / "pixelflow_xl_c2i_256.yaml")
+    assert (xl.model.depth, xl.model.num_heads, xl.model.head_dim) == (28, 16, 72)
+    assert (xl.data.resolution, xl.cascade.stages, xl.model.patch_size, xl.model.num_classes) == (256, 4, 4, 1000)
+
+
+def test_overrides_apply(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.steps=7", "model.depth=3", "sample.cfg_ramp=[0,0.5,0.5,1]"])
+    assert (cfg.train.steps, cfg.model.depth, cfg.sample.cfg_ramp) == (7, 3, [0, 0.5, 0.5, 1])
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        (BASE + "model: {depht: 3}\n", [], "cfg.yaml: unknown key 'model.depht'"),
+        (BASE.replace("steps: 3", "steps: three"), [], "cfg.yaml: 'train.steps': Value 'three'"),
+        (
+            BASE.replace("resolution: 64", "resolution: 100"),
+            [],
+            "cfg.yaml: 'data.resolution' = 100 must be a positive multiple of patch_size * 2^(stages-1) = 32",
+        ),
+        (BASE, ["data.resolution=48"], "command line override: 'data.resolution' = 48 must be a positive multiple"),
+        (BASE, ["trian.steps=3"], "command line override 'trian.steps=3': unknown key 'trian'"),
+        (BASE, ["train.steps"], "override 'train.steps' is not of the form key=value"),
+        (BASE, ["train.micro_batch=5", "train.global_batch=8"], "'train.micro_batch' = 5 must be 0 or divide"),
+        (BASE, ["model.head_dim=70"], "'model.head_dim' = 70 must be a positive multiple of 4"),
+        (BASE, ["wandb.mode=loud"], "'wandb.mode' = 'loud' must be disabled, offline or online"),
+        (BASE, ["sample.cfg_ramp=[0,1]"], "'sample.cfg_ramp' must have one value per stage (4)"),
+        ("run_dir: x\ndata: {path: d}\n", [], "'train.steps' is required but not set"),
+        ("run_dir: x\n  bad: [\n", [], "cfg.yaml:2: not valid YAML"),
+        (BASE + "train: {lr: 1}\n", [], "not valid YAML: found duplicate key train"),
+        ("- a\n- b\n", [], "the top level must be a mapping"),
+    ],
+)
+def test_bad_config_fails_with_clear_message(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), overrides)
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_one_line_and_exit_code_2(tmp_path):
+    path = write(tmp_path, BASE.replace("steps: 3", "steps: 3, stpes: 3"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pixelflow", "train", str(path)], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"pixelflow: error: {path}: unknown key 'train.stpes'"]

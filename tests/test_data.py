@@ -1,0 +1,172 @@
+"""Shards and the streaming loader: format round trip, exactly-once lanes, determinism, resume, bad images."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelflow.data.decode import DecodeError, decode_crop
+from pixelflow.data.loader import DataStream, LaneReader, lane_shards
+from pixelflow.data.planner import plan_stages
+from pixelflow.data.shard_format import (
+    Manifest,
+    ShardFormatError,
+    ShardWriter,
+    check_key,
+    filesystem,
+    parse_sample,
+    read_index,
+    read_manifest,
+    shard_name,
+    write_json_atomically,
+)
+
+
+def all_keys(root) -> list[str]:
+    fs, base = filesystem(str(root))
+    manifest = read_manifest(fs, base)
+    return [e.key for s in manifest.shards for e in read_index(fs, base, s.name)]
+
+
+def test_manifest_and_index_describe_the_tars(shapes_dataset):
+    fs, base = filesystem(str(shapes_dataset))
+    manifest = read_manifest(fs, base)
+    assert (manifest.num_samples, len(manifest.shards), manifest.num_classes) == (192, 6, 16)
+    shard = manifest.shards[2]
+    raw = (shapes_dataset / shard.name).read_bytes()
+    assert len(raw) == shard.bytes
+    for entry in read_index(fs, base, shard.name):
+        members = parse_sample(raw[entry.offset : entry.offset + entry.length], shard.name)
+        assert members["__key__"].decode() == entry.key
+        assert json.loads(members["json"])["label"] == entry.label
+        assert Image.open(io.BytesIO(members[entry.image])).size == (entry.width, entry.height)
+        assert members["txt"].startswith(b"a ")
+
+
+@pytest.mark.parametrize("key", ["../evil", "/abs", "a/b", ".hidden", "x y", ""])
+def test_keys_that_could_escape_or_confuse_tar_are_rejected(key):
+    with pytest.raises(ShardFormatError):
+        check_key(key)
+
+
+def test_missing_or_foreign_manifest_is_a_clear_error(tmp_path):
+    fs, base = filesystem(str(tmp_path))
+    with pytest.raises(ShardFormatError, match="no manifest"):
+        read_manifest(fs, base)
+    (tmp_path / "manifest.json").write_text('{"format": "other"}')
+    with pytest.raises(ShardFormatError, match="not a pixelflow-shards manifest"):
+        read_manifest(fs, base)
+
+
+def lane_epochs(root, lane: int, num_lanes: int, epochs: int) -> list[list[str]]:
+    """The keys a lane yields in each of its first epochs."""
+    fs, base = filesystem(str(root))
+    manifest = read_manifest(fs, base)
+    stream = LaneReader(str(root), {}, manifest, lane, num_lanes, seed=5, resolution=32, shuffle_block=10).samples(0)
+    out = []
+    for epoch in range(epochs):
+        length = sum(manifest.shards[s].count for s in lane_shards(len(manifest.shards), num_lanes, lane, 5, epoch))
+        out.append([next(stream).key for _ in range(length)])
+    return out
+
+
+def test_every_sample_exactly_once_per_epoch_across_lanes(shapes_dataset):
+    expected = Counter(all_keys(shapes_dataset))
+    epochs = [lane_epochs(shapes_dataset, lane, 4, 2) for lane in range(4)]
+    for epoch in range(2):
+        seen = Counter(key for lane in epochs for key in lane[epoch])
+        assert seen == expected
+    assert epochs[0][0] != epochs[0][1]  # reshuffled between epochs
+
+
+def take(stream: DataStream, count: int):
+    return [next(stream) for _ in range(count)]
+
+
+def test_ranks_and_workers_read_disjoint_deterministic_batches(shapes_dataset):
+    def run(rank):
+        stream = DataStream(
+            str(shapes_dataset), 8, 32, seed=3, num_workers=2, shuffle_block=16, rank=rank, world_size=2
+        )
+        return take(stream, 6)
+
+    rank0, rank1 = run(0), run(1)
+    keys0 = [k for b in rank0 for k in b.keys]
+    keys1 = [k for b in rank1 for k in b.keys]
+    assert not set(keys0) & set(keys1)
+    assert len(set(keys0)) == len(keys0) == 48
+    again = run(0)
+    assert [b.keys for b in again] == [b.keys for b in rank0]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(again, rank0))
+    assert rank0[0].images.dtype == torch.uint8 and rank0[0].images.shape == (8, 3, 32, 32)
+
+
+def test_resume_from_lane_cursors_continues_exactly(shapes_dataset):
+    def stream(state=None):
+        return DataStream(str(shapes_dataset), 8, 32, seed=3, num_workers=2, shuffle_block=16, state=state)
+
+    uninterrupted = stream()
+    reference = take(uninterrupted, 9)
+    first = stream()
+    take(first, 5)
+    state = first.state_dict()
+    resumed = take(stream(state), 4)
+    assert [b.keys for b in resumed] == [b.keys for b in reference[5:]]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(resumed, reference[5:]))
+
+
+def test_too_few_shards_for_the_lanes_is_a_clear_error(shapes_dataset):
+    with pytest.raises(ShardFormatError, match="6 shards cannot feed 8 reading lanes"):
+        DataStream(str(shapes_dataset), 8, 32, seed=0, num_workers=4, shuffle_block=16, rank=0, world_size=2)
+
+
+def jpeg(colour, size=40) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_a_corrupt_image_is_skipped_and_the_batch_stays_full(tmp_path, caplog):
+    fs, base = filesystem(str(tmp_path))
+    shards = []
+    for number in range(2):
+        writer = ShardWriter(fs, base, shard_name(number))
+        for i in range(6):
+            data = b"\xff\xd8 not really a jpeg" if (number, i) == (1, 2) else jpeg((10 * i, 0, 0))
+            writer.add(f"s{number}-{i}", data, "jpg", "c", {"label": i, "width": 40, "height": 40})
+        shards.append(writer.close())
+    write_json_atomically(fs, f"{base}/manifest.json", Manifest(shards).to_json())
+    stream = DataStream(str(tmp_path), 4, 32, seed=0, num_workers=0, shuffle_block=4)
+    with caplog.at_level(logging.WARNING):
+        keys = [k for b in take(stream, 4) for k in b.keys]
+    assert "s1-2" not in keys and len(keys) == 16
+    assert any("skipping sample s1-2" in r.message for r in caplog.records)
+
+
+def test_decode_resizes_crops_and_rejects_garbage():
+    rng = np.random.default_rng(0)
+    wide = Image.new("RGB", (90, 45), (200, 10, 10))
+    buffer = io.BytesIO()
+    wide.save(buffer, format="PNG")
+    crop = decode_crop(buffer.getvalue(), 32, rng)
+    assert crop.shape == (3, 32, 32) and crop.dtype == np.uint8
+    assert abs(int(crop[0].mean()) - 200) <= 2
+    with pytest.raises(DecodeError):
+        decode_crop(b"garbage", 32, rng)
+
+
+def test_stage_plan_has_exact_shares_and_is_deterministic():
+    for step in range(1, 9):
+        plan = plan_stages(step, 30, 4, seed=1)
+        counts = Counter(plan)
+        assert sorted(counts.values()) == [7, 7, 8, 8]
+        assert plan == plan_stages(step, 30, 4, seed=1)
+    over_four_steps = Counter(s for step in range(4) for s in plan_stages(step, 30, 4, seed=1))
+    assert set(over_four_steps.values()) == {30}

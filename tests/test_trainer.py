@@ -1,0 +1,115 @@
+"""The single-process trainer: run directory contents, learning, exact resume, sampling from checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from pixelflow.train.checkpoint import Checkpointer, list_checkpoints, load_checkpoint
+from pixelflow.train.trainer import train
+from tests.conftest import REPO, tiny_config
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_holds_config_metrics_and_checkpoints(tmp_path, shapes_dataset):
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset))
+    assert (run_dir / "config.yaml").read_text().startswith("run_dir:")
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "loss_stage0", "loss_stage3", "grad_norm", "img_per_s", "lr"):
+        assert all(key in r for r in records), key
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000003.pt", "step_00000006.pt"]
+    state = load_checkpoint(run_dir / "checkpoints" / "step_00000006.pt")
+    assert set(state) >= {"model", "ema", "optimizer", "lr_scheduler", "data", "config", "step"}
+    assert records[1]["lr"] == pytest.approx(records[2]["lr"]) and records[0]["lr"] < records[1]["lr"]  # warmup 2
+
+
+def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(tmp_path, shapes_dataset):
+    whole = train(tiny_config(tmp_path / "whole", shapes_dataset, "data.num_workers=2"))
+    split = tmp_path / "split"
+    train(tiny_config(split, shapes_dataset, "data.num_workers=2", "train.steps=3"))
+    assert [r["step"] for r in metrics(split)] == [1, 2, 3]
+    train(tiny_config(split, shapes_dataset, "data.num_workers=2"))
+    assert metrics(split) == [dict(r, img_per_s=s["img_per_s"]) for r, s in zip(metrics(whole), metrics(split))]
+    final_whole = load_checkpoint(whole / "checkpoints" / "step_00000006.pt")
+    final_split = load_checkpoint(split / "checkpoints" / "step_00000006.pt")
+    for name, tensor in final_whole["model"].items():
+        assert torch.equal(tensor, final_split["model"][name]), name
+    for name, tensor in final_whole["ema"].items():
+        assert torch.equal(tensor, final_split["ema"][name]), name
+
+
+def test_a_crash_after_the_last_checkpoint_drops_stale_metrics_on_resume(tmp_path, shapes_dataset):
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, shapes_dataset, "train.steps=5"))  # checkpoint at 3 and 5
+    (run_dir / "checkpoints" / "step_00000005.pt").unlink()  # as if the process died after logging step 5
+    train(tiny_config(run_dir, shapes_dataset))
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes_dataset, caplog):
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset))
+    newest = run_dir / "checkpoints" / "step_00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    state = Checkpointer(run_dir / "checkpoints", keep=5).load_latest()
+    assert state["step"] == 3
+    assert "step_00000006.pt: unreadable checkpoint" in caplog.text
+
+
+def test_a_short_run_learns(tmp_path, shapes_dataset):
+    cfg = tiny_config(
+        tmp_path / "run",
+        shapes_dataset,
+        "train.steps=150",
+        "train.log_every=50",
+        "train.lr=2e-3",
+        "train.global_batch=16",
+        "checkpoint.every=150",
+        "model.num_heads=4",
+    )
+    records = metrics(train(cfg))
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+
+
+def test_sample_command_writes_a_grid_from_a_checkpoint(tmp_path, shapes_dataset):
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3"))
+    out = tmp_path / "grid.png"
+    command = [
+        sys.executable,
+        "-m",
+        "pixelflow",
+        "sample",
+        "--checkpoint",
+        str(run_dir),
+        "--out",
+        str(out),
+        "--classes",
+        "0",
+        "3",
+        "15",
+        "--per-class",
+        "2",
+        "--steps",
+        "2",
+        "--cfg",
+        "2.0",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns x 2 rows of 32 px, 2 px gutters
+
+    bad = subprocess.run(command[:-8] + ["--classes", "99"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["pixelflow: error: --classes: [99] outside 0..15 for this checkpoint"]
+    missing = subprocess.run(
+        command[:5] + [str(tmp_path / "nothing"), "--out", str(out)], capture_output=True, text=True, cwd=REPO
+    )
+    assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
