@@ -6,11 +6,12 @@ import argparse
 import logging
 import sys
 
+from pixelflow.compat import ConversionError
 from pixelflow.config import ConfigError, load_config
 from pixelflow.data.shard_format import ShardFormatError
 from pixelflow.train.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, ConversionError)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -28,7 +29,8 @@ def _sample(args: argparse.Namespace) -> None:
     from pixelflow.train.trainer import resolve_device
 
     device = resolve_device(args.device)
-    model, cfg = load_for_sampling(args.checkpoint, args.weights, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, cfg = load_for_sampling(args.checkpoint, args.weights, device, dtype)
     labels = None
     if cfg.model.num_classes > 0:
         classes = args.classes if args.classes is not None else list(range(min(cfg.model.num_classes, 8)))
@@ -40,9 +42,15 @@ def _sample(args: argparse.Namespace) -> None:
     steps = args.steps or cfg.sample.steps_per_stage
     scale = cfg.sample.cfg if args.cfg is None else args.cfg
     with torch.inference_mode():
-        images = generate(model, cfg, labels, count, args.seed, steps, scale, device)
+        images = generate(model, cfg, labels, count, args.seed, steps, scale, device, args.solver or cfg.sample.solver)
     columns = len(classes) if labels is not None and args.per_class > 1 else None
     print(f"wrote {save_grid(images, args.out, columns)}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from pixelflow.compat import convert_official
+
+    print(f"wrote {convert_official(args.source, args.destination)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, help="Euler steps per stage (default: the config's sample.steps_per_stage)"
     )
     sample.add_argument("--cfg", type=float, help="final-stage CFG scale; 0 disables guidance (default: config)")
+    sample.add_argument("--solver", choices=["euler", "dopri5"], help="default: the config's sample.solver")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default ema)")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     sample.set_defaults(func=_sample)
+
+    convert = commands.add_parser(
+        "convert-official",
+        help="convert a reference PixelFlow checkpoint (model.pt + config.yaml) to ours",
+        description="Convert a checkpoint of github.com/ShoufaChen/PixelFlow (the model.pt + config.yaml its "
+        "sample_ddp.py loads) into DESTINATION/checkpoints/ and DESTINATION/config.yaml.",
+    )
+    convert.add_argument("source", help="directory with model.pt and config.yaml, or the model.pt file")
+    convert.add_argument("destination", help="directory to write (usable as --checkpoint or as a run_dir)")
+    convert.set_defaults(func=_convert)
     return parser
 
 

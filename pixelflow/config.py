@@ -6,6 +6,7 @@ Every mistake a user can make in a config (unknown key, wrong type, impossible v
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ class ModelConfig:
     class_dropout: float = 0.1
     mlp_ratio: float = 4.0
     attention_bias: bool = True
+    text_dim: int | None = None  # width of text-encoder tokens for cross-attention (text-to-image); None = off
+    attention: str = "auto"  # auto | sdpa_runs | sdpa_dense | varlen | flex | flash (see model/attention.py)
 
 
 @dataclass
@@ -62,6 +65,12 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    compile: bool = False  # torch.compile every transformer block
+    activation_checkpointing: str = "none"  # none | full | every_<k> (every k-th block)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 1000
     keep: int = 3
@@ -73,6 +82,7 @@ class SampleConfig:
     cfg: float = 2.4
     cfg_ramp: list[float] | None = None  # per-stage CFG ramp; None = the paper's (0, 1/6, 2/3, 1)
     shift: float = 1.0
+    solver: str = "euler"  # euler (the reference grid) | dopri5 (adaptive, needs torchdiffeq)
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Config:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -168,6 +179,12 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (m.num_classes >= 0, "model.num_classes", f"= {m.num_classes} must not be negative"),
         (0.0 <= m.class_dropout < 1.0, "model.class_dropout", f"= {m.class_dropout} must be in [0, 1)"),
         (m.mlp_ratio > 0, "model.mlp_ratio", f"= {m.mlp_ratio} must be positive"),
+        (m.text_dim is None or m.text_dim > 0, "model.text_dim", f"= {m.text_dim} must be positive or null"),
+        (
+            m.attention in ("auto", "sdpa_runs", "sdpa_dense", "varlen", "flex", "flash"),
+            "model.attention",
+            f"= '{m.attention}' must be auto, sdpa_runs, sdpa_dense, varlen, flex or flash",
+        ),
         (c.gamma < 0, "cascade.gamma", f"= {c.gamma} must be negative (block-noise correlation)"),
         (c.num_train_timesteps >= c.stages, "cascade.num_train_timesteps", "must be at least cascade.stages"),
         (d.num_workers >= 0, "data.num_workers", f"= {d.num_workers} must not be negative"),
@@ -189,6 +206,11 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (t.log_every >= 1, "train.log_every", f"= {t.log_every} must be at least 1"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision", f"= '{t.precision}' must be auto, fp32 or bf16"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", f"= '{t.device}' must be auto, cpu or cuda"),
+        (
+            re.fullmatch(r"none|full|every_[1-9]\d*", cfg.parallel.activation_checkpointing) is not None,
+            "parallel.activation_checkpointing",
+            f"= '{cfg.parallel.activation_checkpointing}' must be none, full or every_<k>",
+        ),
         (cfg.checkpoint.every >= 1, "checkpoint.every", f"= {cfg.checkpoint.every} must be at least 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", f"= {cfg.checkpoint.keep} must be at least 1"),
         (cfg.sample.steps_per_stage >= 1, "sample.steps_per_stage", "must be at least 1"),
@@ -199,6 +221,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             f"must have one value per stage ({c.stages})",
         ),
         (cfg.sample.shift > 0, "sample.shift", f"= {cfg.sample.shift} must be positive"),
+        (cfg.sample.solver in ("euler", "dopri5"), "sample.solver", f"= '{cfg.sample.solver}' must be euler or dopri5"),
         (
             cfg.wandb.mode in ("disabled", "offline", "online"),
             "wandb.mode",

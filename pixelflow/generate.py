@@ -12,16 +12,21 @@ from PIL import Image
 from pixelflow.cascade import CascadeSchedule, cfg_scales, default_cfg_ramp, sample, to_uint8
 from pixelflow.config import Config, from_yaml
 from pixelflow.model import PixelFlowTransformer
+from pixelflow.model.attention import set_attention_backend
 from pixelflow.train.checkpoint import load_checkpoint, resolve_checkpoint
 
 
-def load_for_sampling(checkpoint: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
+def load_for_sampling(
+    checkpoint: str | Path, weights: str = "ema", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[PixelFlowTransformer, Config]:
     """(model in eval mode, its Config) from a checkpoint file, checkpoints directory or run directory."""
     state = load_checkpoint(resolve_checkpoint(checkpoint))
     cfg = from_yaml(state["config"])
     model = PixelFlowTransformer(cfg.model)
     model.load_state_dict(state[weights])
-    return model.to(device).eval(), cfg
+    model = model.to(device=device, dtype=dtype).eval()
+    set_attention_backend(model, cfg.model.attention, torch.device(device).type)
+    return model, cfg
 
 
 def generate(
@@ -33,27 +38,33 @@ def generate(
     steps_per_stage: int,
     cfg_scale: float,
     device: torch.device | str = "cpu",
+    solver: str = "euler",
 ) -> torch.Tensor:
-    """(count, 3, R, R) uint8 images; labels (one per image) for class-conditional models."""
+    """(count, 3, R, R) uint8 images; labels (one per image) for class-conditional models. The model's
+    own dtype sets the precision (bf16 weights on GPU; the sampler keeps its state in float32)."""
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
     ramp = cfg.sample.cfg_ramp or default_cfg_ramp(schedule.stages)
     generator = torch.Generator(device=device).manual_seed(seed)
     label_tensor = torch.tensor(labels, device=device) if labels is not None else None
-    use_bf16 = torch.device(device).type == "cuda"
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
-        images = sample(
-            model.forward_images,
-            schedule,
-            label_tensor,
-            count,
-            cfg.data.resolution,
-            generator,
-            steps_per_stage,
-            cfg_scales(cfg_scale, ramp),
-            model.null_class,
-            cfg.model.in_channels,
-            cfg.sample.shift,
-        )
+    dtype = next(model.parameters()).dtype
+
+    def velocity(x: torch.Tensor, timesteps: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+        return model.forward_images(x.to(dtype), timesteps, classes)
+
+    images = sample(
+        velocity,
+        schedule,
+        label_tensor,
+        count,
+        cfg.data.resolution,
+        generator,
+        steps_per_stage,
+        cfg_scales(cfg_scale, ramp),
+        model.null_class,
+        cfg.model.in_channels,
+        cfg.sample.shift,
+        solver,
+    )
     return to_uint8(images).cpu()
 
 

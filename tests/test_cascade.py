@@ -136,8 +136,9 @@ def test_time_grid_matches_reference_set_timesteps():
     assert shifted.tolist() == pytest.approx([0.0, 0.4995 / (2 - 0.4995), 0.999 / (2 - 0.999), 1.0])
 
 
-def exact_velocity(target: torch.Tensor, schedule: CascadeSchedule, resolution: int):
-    """The true velocity field of a one-image dataset, inverted from the model inputs the sampler gives."""
+def exact_velocity(target: torch.Tensor, schedule: CascadeSchedule, resolution: int, tau_scale: float = 1.0):
+    """The true velocity field of a one-image dataset, inverted from the model inputs the sampler gives
+    (tau_scale: the factor by which the solver's tau was scaled before becoming a model timestep)."""
 
     def velocity(x, timesteps, labels):
         stage = [schedule.side(resolution, s) for s in range(schedule.stages)].index(x.shape[-1])
@@ -145,7 +146,7 @@ def exact_velocity(target: torch.Tensor, schedule: CascadeSchedule, resolution: 
         steps = schedule.num_train_timesteps
         denominator = steps - 1 if stage == schedule.stages - 1 else steps
         span = schedule.timestep_end[stage] - schedule.timestep_start[stage]
-        tau = ((timesteps[0] - schedule.timestep_start[stage]) / span * denominator / steps).item()
+        tau = ((timesteps[0] - schedule.timestep_start[stage]) / span * denominator / steps).item() / tau_scale
         t_end, t_start = schedule.end[stage], schedule.start[stage]
         noise = (x - tau * t_end * end - (1 - tau) * t_start * start) / (tau * (1 - t_end) + (1 - tau) * (1 - t_start))
         return t_end * end - t_start * start + (t_start - t_end) * noise
@@ -208,3 +209,13 @@ def test_guidance_combines_conditional_and_unconditional_branches():
     )
     assert seen == [(2, [1, 2]), (4, [9, 9, 1, 2])]  # scale 1: conditional branch only
     assert out.shape == (2, 3, 8, 8)
+
+
+def test_dopri5_integrates_each_stage_over_its_window():
+    """dopri5 integrates tau over [0, 1] and, as the reference, tells the model the timestep of 0.999 tau
+    (the span of the stage's timestep table)."""
+    schedule = CascadeSchedule.build(3)
+    target = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    velocity = exact_velocity(target, schedule, 16, tau_scale=0.999)
+    out = sample(velocity, schedule, None, 2, 16, torch.Generator().manual_seed(0), solver="dopri5")
+    assert (out - target).abs().max().item() < 1e-3

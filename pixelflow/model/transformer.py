@@ -7,14 +7,16 @@ from images of any mix of resolutions. Token channels are ordered (c, py, px) on
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pixelflow.config import ModelConfig
-from pixelflow.model.attention import Attention, RMSNorm, StreamContext
+from pixelflow.model.attention import CrossAttention, RMSNorm, SelfAttention, StreamContext
 from pixelflow.model.embeddings import ScalarEmbedder, rope_table
-from pixelflow.model.layout import PackedLayout, patchify, unpatchify
+from pixelflow.model.layout import PackedLayout, patchify, to_device, unpatchify
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -37,7 +39,12 @@ class TransformerBlock(nn.Module):
         dim = cfg.num_heads * cfg.head_dim
         self.modulation = nn.Linear(dim, 6 * dim)
         self.attn_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, cfg.num_heads, cfg.head_dim, bias=cfg.attention_bias)
+        self.attn = SelfAttention(dim, cfg.num_heads, cfg.head_dim, bias=cfg.attention_bias)
+        if cfg.text_dim:
+            self.cross_norm = RMSNorm(dim)
+            self.cross_attn = CrossAttention(dim, cfg.text_dim, cfg.num_heads, cfg.head_dim, bias=cfg.attention_bias)
+        else:
+            self.cross_norm, self.cross_attn = None, None
         self.mlp_norm = RMSNorm(dim)
         self.mlp = FeedForward(dim, cfg.mlp_ratio)
 
@@ -45,6 +52,8 @@ class TransformerBlock(nn.Module):
         per_token = self.modulation(silu_cond).index_select(0, ctx.sequence_of_token)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = per_token.chunk(6, dim=-1)
         x = x + gate_attn * self.attn(modulate(self.attn_norm(x), shift_attn, scale_attn), ctx)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), ctx)
         return x + gate_mlp * self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))
 
 
@@ -73,6 +82,7 @@ class PixelFlowTransformer(nn.Module):
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.depth)])
         self.final = FinalLayer(dim, token_channels)
         self._rope_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._context_cache: dict[tuple[PackedLayout, str], tuple[StreamContext, torch.Tensor]] = {}
         self.reset_parameters()
 
     @property
@@ -96,14 +106,27 @@ class PixelFlowTransformer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def stream_context(self, layout: PackedLayout, device: torch.device) -> StreamContext:
-        rope = {}
-        for side in {run.side for run in layout.runs}:
-            key = (side, str(device))
-            if key not in self._rope_cache:
-                self._rope_cache[key] = rope_table(side, self.cfg.head_dim, device)
-            rope[side] = self._rope_cache[key]
-        return StreamContext(layout, layout.sequence_of_token(device), rope)
+    def stream_context(self, layout: PackedLayout, device: torch.device) -> tuple[StreamContext, torch.Tensor]:
+        """(context, per-sequence token-grid sides) for a layout, cached: repeated layouts (every Euler step,
+        most training steps) cost no host work and no host-to-device copy."""
+        key = (layout, str(device))
+        if key not in self._context_cache:
+            if len(self._context_cache) >= 64:
+                self._context_cache.clear()
+            rope = {}
+            for side in {run.side for run in layout.runs}:
+                if (side, str(device)) not in self._rope_cache:
+                    self._rope_cache[(side, str(device))] = rope_table(side, self.cfg.head_dim, device)
+                rope[side] = self._rope_cache[(side, str(device))]
+            ctx = StreamContext(
+                layout,
+                to_device(layout.sequence_of_token(), device),
+                to_device(layout.cu_seqlens(), device),
+                rope,
+            )
+            sides = to_device(torch.tensor(layout.sides, dtype=torch.float32), device)
+            self._context_cache[key] = (ctx, sides)
+        return self._context_cache[key]
 
     def forward(
         self,
@@ -111,16 +134,21 @@ class PixelFlowTransformer(nn.Module):
         layout: PackedLayout,
         timesteps: torch.Tensor,
         labels: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for a packed stream.
 
         tokens: (N, C*p*p) patch tokens of all sequences back to back, as `layout` describes them.
         timesteps: (B,) global timesteps on the 0..num_train_timesteps scale, one per sequence.
         labels: (B,) class ids, `null_class` for unconditional; None for a model without classes.
+        text, text_mask: (B, L, text_dim) text-encoder tokens and (B, L) 1 = real token, 0 = padding, for a
+        model with cross-attention.
         """
-        device = tokens.device
-        ctx = self.stream_context(layout, device)
-        sides = torch.tensor(layout.sides, dtype=torch.float32).to(device, non_blocking=True)
+        ctx, sides = self.stream_context(layout, tokens.device)
+        if text is not None:
+            bias = None if text_mask is None else ((1.0 - text_mask.float()) * -10000.0)[:, None, None, :]
+            ctx = dataclasses.replace(ctx, text=text, text_bias=bias)
         cond = self.time_embed(timesteps) + self.size_embed(sides)
         if self.class_embed is not None:
             cond = cond + self.class_embed(labels)
@@ -131,12 +159,17 @@ class PixelFlowTransformer(nn.Module):
         return self.final(x, silu_cond, ctx)
 
     def forward_images(
-        self, images: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        timesteps: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for a plain batch of equal-size square images (B, C, H, W), as the sampler uses it."""
         count, side = images.shape[0], images.shape[-1] // self.cfg.patch_size
         layout = PackedLayout.from_sides([side] * count)
-        out = self.forward(patchify(images, self.cfg.patch_size), layout, timesteps, labels)
+        out = self.forward(patchify(images, self.cfg.patch_size), layout, timesteps, labels, text, text_mask)
         return unpatchify(out, count, side, self.cfg.patch_size)
 
 

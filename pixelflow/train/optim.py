@@ -9,14 +9,16 @@ from pixelflow.config import TrainConfig
 
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig
+    model: nn.Module, cfg: TrainConfig, fused: bool = False
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """fused=True (CUDA) runs AdamW as one kernel per parameter group; otherwise the foreach path."""
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         weight_decay=cfg.weight_decay,
-        foreach=True,
+        foreach=None if fused else True,
+        fused=True if fused else None,
     )
     warmup = cfg.warmup_steps
 

@@ -15,6 +15,7 @@ from pixelflow.config import Config, to_yaml
 from pixelflow.data.loader import Batch, DataStream
 from pixelflow.data.planner import plan_stages
 from pixelflow.model import PixelFlowTransformer
+from pixelflow.parallel import parallelize
 from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.ema import EMA
 from pixelflow.train.metrics import MetricsLogger
@@ -81,7 +82,7 @@ def train_step(
     """One optimizer step over the global batch; returns (per-sample loss, stage per sample, grad norm)."""
     count = batch.images.shape[0]
     micro = cfg.train.micro_batch or count
-    stages = plan_stages(step, count, schedule.stages, cfg.seed)
+    stages = plan_stages(step, count, schedule.stages, cfg.seed, micro)
     generator = step_generator(cfg.seed, step, device)
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
@@ -128,7 +129,7 @@ def train(cfg: Config, storage_options: dict | None = None) -> Path:
     run_dir = prepare_run_dir(cfg)
     torch.manual_seed(cfg.seed)
     model = PixelFlowTransformer(cfg.model).to(device)
-    optimizer, lr_schedule = build_optimizer(model, cfg.train)
+    optimizer, lr_schedule = build_optimizer(model, cfg.train, fused=device.type == "cuda")
     ema = EMA(model, cfg.train.ema_decay)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     resumed = checkpointer.load_latest()
@@ -136,10 +137,14 @@ def train(cfg: Config, storage_options: dict | None = None) -> Path:
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        lr_schedule.load_state_dict(resumed["lr_scheduler"])
-        step = resumed["step"]
-        log.info("resumed %s at step %d", run_dir, step)
+        if "optimizer" in resumed:
+            optimizer.load_state_dict(resumed["optimizer"])
+            lr_schedule.load_state_dict(resumed["lr_scheduler"])
+            step = resumed["step"]
+            log.info("resumed %s at step %d", run_dir, step)
+        else:  # weights only, e.g. converted from the reference: fine-tune from them
+            log.info("starting from the weights in %s (no optimizer state)", run_dir / "checkpoints")
+            resumed = None
     data = DataStream(
         cfg.data.path,
         cfg.train.global_batch,
@@ -152,6 +157,7 @@ def train(cfg: Config, storage_options: dict | None = None) -> Path:
         pin_memory=device.type == "cuda",
     )
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
+    parallelize(model, cfg, device)
     metrics = MetricsLogger(run_dir, cfg.wandb, {"config": to_yaml(cfg)}, step, cfg.train.steps)
     window = LossWindow(cfg.cascade.stages, device)
     model.train()

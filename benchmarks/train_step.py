@@ -1,0 +1,123 @@
+"""Training-step throughput: img/s, TFLOP/s, MFU and peak memory over a sweep of batch sizes.
+
+Synthetic uint8 images go through the trainer's own step (cascade pairs on the device, forward, backward,
+AdamW, EMA). FLOPs count 3 x depth x (24 d^2 L + 4 d L^2) per sample of L tokens at its planned stage.
+
+    python benchmarks/train_step.py --config configs/pixelflow_xl_c2i_256.yaml --batches 16 32 64 --micro 16 \
+        --compile --peak-tflops 790
+Prints one JSON line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import device_name, emit, peak_memory_gib, reset_peak_memory, timed  # noqa: E402
+from pixelflow.cascade import CascadeSchedule  # noqa: E402
+from pixelflow.config import load_config  # noqa: E402
+from pixelflow.data.loader import Batch  # noqa: E402
+from pixelflow.data.planner import plan_stages  # noqa: E402
+from pixelflow.model import PixelFlowTransformer  # noqa: E402
+from pixelflow.parallel import parallelize  # noqa: E402
+from pixelflow.train.ema import EMA  # noqa: E402
+from pixelflow.train.optim import build_optimizer  # noqa: E402
+from pixelflow.train.trainer import resolve_device, train_step  # noqa: E402
+
+
+def step_flops(cfg, schedule: CascadeSchedule, stages: list[int]) -> float:
+    d, depth = cfg.model.num_heads * cfg.model.head_dim, cfg.model.depth
+    total = 0.0
+    for stage in stages:
+        tokens = (schedule.side(cfg.data.resolution, stage) // cfg.model.patch_size) ** 2
+        total += 3 * depth * (24 * d * d * tokens + 4 * d * tokens * tokens)
+    return total
+
+
+def measure(args: argparse.Namespace, device: torch.device, batch_size: int) -> dict:
+    micro = args.micro if args.micro and batch_size % args.micro == 0 else 0
+    cfg = load_config(
+        args.config,
+        [
+            "run_dir=unused",
+            "data.path=unused",
+            f"train.global_batch={batch_size}",
+            f"train.micro_batch={micro}",
+            f"parallel.compile={args.compile}",
+            f"parallel.activation_checkpointing={args.ac}",
+            f"model.attention={args.attention}",
+            *args.overrides,
+        ],
+    )
+    record = {
+        "bench": "train_step",
+        "device": device_name(device),
+        "config": args.config,
+        "batch": batch_size,
+        "micro": micro or batch_size,
+        "compile": args.compile,
+        "ac": args.ac,
+        "attention": args.attention,
+    }
+    torch.manual_seed(0)
+    model = PixelFlowTransformer(cfg.model).to(device)
+    optimizer, _ = build_optimizer(model, cfg.train, fused=device.type == "cuda")
+    ema = EMA(model, cfg.train.ema_decay)
+    parallelize(model, cfg, device)
+    schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
+    side = cfg.data.resolution
+    images = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, max(cfg.model.num_classes, 1), (batch_size,), device=device)
+    batch = Batch(images, labels, [], {})
+    steps = iter(range(1, 10**9))
+
+    def one_step() -> None:
+        train_step(model, optimizer, batch, next(steps), cfg, schedule, device)
+        ema.update(model)
+
+    try:
+        timed(device, one_step, args.warmup)
+        reset_peak_memory(device)
+        seconds = timed(device, one_step, args.steps)
+    except torch.OutOfMemoryError:
+        return {**record, "error": "out of memory"}
+    tflops = step_flops(cfg, schedule, plan_stages(1, batch_size, schedule.stages, cfg.seed)) / seconds / 1e12
+    peak = peak_memory_gib(device)
+    return {
+        **record,
+        "step_s": round(seconds, 4),
+        "img_per_s": round(batch_size / seconds, 2),
+        "tflops": round(tflops, 2),
+        "mfu": round(tflops / args.peak_tflops, 4) if args.peak_tflops else None,
+        "peak_mem_gib": None if peak is None else round(peak, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/pixelflow_xl_c2i_256.yaml")
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64], help="images per step")
+    parser.add_argument("--micro", type=int, default=0, help="images per forward/backward (0 = whole batch)")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--ac", default="none", help="activation checkpointing: none | full | every_<k>")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak for MFU (0 = no MFU)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    for batch_size in args.batches:
+        emit(measure(args, device, batch_size))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

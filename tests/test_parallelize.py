@@ -1,0 +1,75 @@
+"""parallelize(): activation checkpointing and torch.compile change speed and memory, not results."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pixelflow.cascade import CascadeSchedule, build_training_batch, per_sequence_mse
+from pixelflow.config import load_config
+from pixelflow.model import PixelFlowTransformer
+from pixelflow.parallel import parallelize
+from pixelflow.parallel.parallelize import checkpointed_blocks
+from tests.conftest import REPO
+
+
+def config(*overrides: str):
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        ["run_dir=x", "data.path=x", "model.depth=3", "model.num_heads=2", "model.head_dim=16", *overrides],
+    )
+
+
+def loss_and_grads(model: PixelFlowTransformer, seed: int = 0):
+    schedule = CascadeSchedule.build(4)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    batch = build_training_batch(images, torch.arange(8), [0, 1, 2, 3] * 2, schedule, 4, generator)
+    loss = per_sequence_mse(
+        model(batch.tokens, batch.layout, batch.timesteps, batch.labels), batch.targets, batch.layout
+    ).mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def randomised(cfg):
+    torch.manual_seed(0)
+    model = PixelFlowTransformer(cfg.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.1)
+    return model
+
+
+def test_checkpointed_block_choice():
+    assert checkpointed_blocks("none", 6) == []
+    assert checkpointed_blocks("full", 3) == [0, 1, 2]
+    assert checkpointed_blocks("every_2", 5) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("mode", ["full", "every_2"])
+def test_activation_checkpointing_keeps_loss_grads_and_names(mode):
+    cfg = config(f"parallel.activation_checkpointing={mode}")
+    plain = randomised(cfg)
+    checkpointed = parallelize(copy.deepcopy(plain), cfg, torch.device("cpu"))
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    loss, grads = loss_and_grads(plain)
+    loss_ac, grads_ac = loss_and_grads(checkpointed)
+    assert torch.equal(loss, loss_ac)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ac[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    cfg = config("parallel.compile=true", "parallel.activation_checkpointing=full")
+    plain = randomised(cfg)
+    compiled = parallelize(copy.deepcopy(plain), cfg, torch.device("cpu"))
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    loss, grads = loss_and_grads(plain)
+    loss_compiled, grads_compiled = loss_and_grads(compiled)
+    assert torch.allclose(loss, loss_compiled, rtol=1e-5)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_compiled[name], atol=1e-5, rtol=1e-4), name
