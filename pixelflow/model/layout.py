@@ -79,6 +79,21 @@ class PackedLayout:
         return index.to(device, non_blocking=True)
 
 
+def expand_to_tokens(values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """(B, k) per-sequence values -> (N, k) per-token values.
+
+    Built from per-run broadcasts rather than an index gather: the backward is then a plain sum over each
+    sequence's tokens instead of atomic scatter-adds of every token into a handful of rows.
+    """
+    pieces = [
+        values[run.first_sequence : run.first_sequence + run.count, None, :]
+        .expand(run.count, run.seqlen, values.shape[-1])
+        .reshape(run.count * run.seqlen, values.shape[-1])
+        for run in layout.runs
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) images -> (B * H/p * W/p, C * p * p) tokens, row-major, each token ordered (c, py, px)."""
     b, c, h, w = images.shape

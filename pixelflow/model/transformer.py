@@ -16,7 +16,7 @@ from torch import nn
 from pixelflow.config import ModelConfig
 from pixelflow.model.attention import CrossAttention, RMSNorm, SelfAttention, StreamContext
 from pixelflow.model.embeddings import ScalarEmbedder, rope_table
-from pixelflow.model.layout import PackedLayout, patchify, to_device, unpatchify
+from pixelflow.model.layout import PackedLayout, expand_to_tokens, patchify, to_device, unpatchify
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(dim, cfg.mlp_ratio)
 
     def forward(self, x: torch.Tensor, silu_cond: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        per_token = self.modulation(silu_cond).index_select(0, ctx.sequence_of_token)
+        per_token = expand_to_tokens(self.modulation(silu_cond), ctx.layout)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = per_token.chunk(6, dim=-1)
         x = x + gate_attn * self.attn(modulate(self.attn_norm(x), shift_attn, scale_attn), ctx)
         if self.cross_attn is not None:
@@ -65,7 +65,7 @@ class FinalLayer(nn.Module):
         self.proj = nn.Linear(dim, out_channels)
 
     def forward(self, x: torch.Tensor, silu_cond: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        shift, scale = self.modulation(silu_cond).index_select(0, ctx.sequence_of_token).chunk(2, dim=-1)
+        shift, scale = expand_to_tokens(self.modulation(silu_cond), ctx.layout).chunk(2, dim=-1)
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
