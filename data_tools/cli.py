@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
+from data_tools.ingest import KINDS, IngestError, Options, ingest
 from data_tools.synthetic import write_synthetic_dataset
+from pixelflow.data.storage import storage_options
 
 
 def _synth(args: argparse.Namespace) -> None:
-    manifest = write_synthetic_dataset(args.output, args.count, args.per_shard, args.size, args.seed)
+    options = storage_options(args.output, args.endpoint_url)
+    manifest = write_synthetic_dataset(args.output, args.count, args.per_shard, args.size, args.seed, options)
     print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.output}")
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    options = Options(
+        per_shard=args.per_shard,
+        shard_bytes=int(args.shard_size_mb * 2**20) if args.shard_size_mb else 0,
+        min_size=args.min_size,
+        max_aspect=args.max_aspect,
+        max_side=args.max_side,
+        quality=args.quality,
+        reencode=args.reencode,
+    )
+    report = ingest(args.input, args.output, args.kind, options, args.workers, args.endpoint_url, not args.quiet)
+    text = json.dumps(asdict(report), indent=1)
+    if args.report:
+        Path(args.report).write_text(text + "\n")
+    print(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pixelflow-data", description="Prepare datasets in the pixelflow shard format."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    ingest_cmd = commands.add_parser(
+        "ingest",
+        help="images (+ captions, labels) -> shards on local disk or S3",
+        description="Ingest an image folder (ImageNet-style classes), a captioned folder (sidecar .txt) or a table "
+        "(.parquet/.jsonl/.csv of paths and captions) into shards. Rerunning skips complete shards.",
+    )
+    ingest_cmd.add_argument("input", help="class folders, captioned folder, or a table file")
+    ingest_cmd.add_argument("output", help="output directory or s3://bucket/prefix")
+    ingest_cmd.add_argument("--kind", choices=KINDS, help="input kind (detected when not given)")
+    ingest_cmd.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials: the AWS environment)")
+    ingest_cmd.add_argument("--report", help="also write the report JSON here")
+    ingest_cmd.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    ingest_cmd.add_argument("--shard-size-mb", type=float, help="group by source megabytes instead of count")
+    ingest_cmd.add_argument("--min-size", type=int, default=64, help="skip images with a shorter side below this")
+    ingest_cmd.add_argument("--max-aspect", type=float, default=4.0, help="skip images longer/shorter side above this")
+    ingest_cmd.add_argument("--max-side", type=int, default=0, help="downscale images larger than this (0 = keep)")
+    ingest_cmd.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
+    ingest_cmd.add_argument("--reencode", action="store_true", help="re-encode every image, not only changed ones")
+    ingest_cmd.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    ingest_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    ingest_cmd.set_defaults(func=_ingest)
+
     synth = commands.add_parser(
         "synth",
         help="write a synthetic coloured-shapes dataset (16 classes)",
@@ -28,13 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--per-shard", type=int, default=256, help="samples per shard (default 256)")
     synth.add_argument("--size", type=int, default=80, help="image side in pixels (default 80)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--endpoint-url", help="S3-compatible endpoint for an s3:// output")
     synth.set_defaults(func=_synth)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except IngestError as exc:
+        print(f"pixelflow-data: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

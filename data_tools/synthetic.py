@@ -10,7 +10,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pixelflow.data.shard_format import Manifest, ShardWriter, filesystem, shard_name, write_json_atomically
+from pixelflow.data.shard_format import Manifest, ShardWriter, shard_name, write_json_atomically
+from pixelflow.data.storage import filesystem
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}

@@ -17,7 +17,8 @@ USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, ConversionError)
 def _train(args: argparse.Namespace) -> None:
     from pixelflow.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"data.endpoint_url={args.endpoint_url}"] if args.endpoint_url else [])
+    cfg = load_config(args.config, overrides)
     run_dir = train(cfg)
     print(f"run directory: {run_dir}")
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    train.add_argument("--endpoint-url", help="S3-compatible endpoint for an s3:// data.path (= data.endpoint_url)")
     train.set_defaults(func=_train)
 
     sample = commands.add_parser(

@@ -46,6 +46,10 @@ class DataConfig:
     resolution: int = 256
     num_workers: int = 2
     shuffle_block: int = 1000  # samples shuffled together inside one reading lane
+    lanes: int = 0  # reading lanes (fixed for the run's life); 0 = ranks x workers at the first start
+    endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from the AWS environment
+    retries: int = 5  # attempts per storage read before the run stops with an error naming the shard
+    retry_wait: float = 0.5  # seconds before the first retry, doubling up to 30
 
 
 @dataclass
@@ -189,6 +193,9 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (c.num_train_timesteps >= c.stages, "cascade.num_train_timesteps", "must be at least cascade.stages"),
         (d.num_workers >= 0, "data.num_workers", f"= {d.num_workers} must not be negative"),
         (d.shuffle_block >= 1, "data.shuffle_block", f"= {d.shuffle_block} must be at least 1"),
+        (d.lanes >= 0, "data.lanes", f"= {d.lanes} must not be negative"),
+        (d.retries >= 1, "data.retries", f"= {d.retries} must be at least 1"),
+        (d.retry_wait >= 0, "data.retry_wait", f"= {d.retry_wait} must not be negative"),
         (bool(d.path), "data.path", "must name a dataset directory or s3:// prefix"),
         (t.steps >= 1, "train.steps", f"= {t.steps} must be at least 1"),
         (t.global_batch >= 1, "train.global_batch", f"= {t.global_batch} must be at least 1"),

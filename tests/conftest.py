@@ -13,9 +13,27 @@ import torch  # noqa: E402
 
 from data_tools.synthetic import write_synthetic_dataset  # noqa: E402
 from pixelflow.config import Config, load_config  # noqa: E402
+from tests.s3 import CREDENTIALS, MotoServer  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto_server subprocess on 127.0.0.1) with a bucket `pixelflow-test`, for the session."""
+    saved = {key: os.environ.get(key) for key in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    with MotoServer() as server:
+        import s3fs
+
+        s3fs.S3FileSystem(endpoint_url=server.endpoint).mkdir("pixelflow-test")
+        yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -13,20 +13,20 @@ import torch
 from PIL import Image
 
 from pixelflow.data.decode import DecodeError, decode_crop
-from pixelflow.data.loader import DataStream, LaneReader, lane_shards
+from pixelflow.data.loader import DataStream, LaneReader, ReadSettings, lane_shards
 from pixelflow.data.planner import plan_stages
 from pixelflow.data.shard_format import (
     Manifest,
     ShardFormatError,
     ShardWriter,
     check_key,
-    filesystem,
     parse_sample,
     read_index,
     read_manifest,
     shard_name,
     write_json_atomically,
 )
+from pixelflow.data.storage import filesystem
 
 
 def all_keys(root) -> list[str]:
@@ -69,7 +69,8 @@ def lane_epochs(root, lane: int, num_lanes: int, epochs: int) -> list[list[str]]
     """The keys a lane yields in each of its first epochs."""
     fs, base = filesystem(str(root))
     manifest = read_manifest(fs, base)
-    stream = LaneReader(str(root), {}, manifest, lane, num_lanes, seed=5, resolution=32, shuffle_block=10).samples(0)
+    settings = ReadSettings(str(root), manifest, num_lanes, seed=5, resolution=32, shuffle_block=10)
+    stream = LaneReader(settings, lane).samples(0)
     out = []
     for epoch in range(epochs):
         length = sum(manifest.shards[s].count for s in lane_shards(len(manifest.shards), num_lanes, lane, 5, epoch))
@@ -170,3 +171,17 @@ def test_stage_plan_has_exact_shares_and_is_deterministic():
         assert plan == plan_stages(step, 30, 4, seed=1)
     over_four_steps = Counter(s for step in range(4) for s in plan_stages(step, 30, 4, seed=1))
     assert set(over_four_steps.values()) == {30}
+
+
+def test_decode_matches_the_plain_pillow_pipeline_within_one_grey_level():
+    rng = np.random.default_rng(3)
+    field = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((150, 110), Image.BICUBIC)
+    noisy = np.clip(np.asarray(field) + rng.normal(0, 20, (110, 150, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="PNG")
+    ours = decode_crop(buffer.getvalue(), 64, np.random.default_rng(9), flip=False)
+    crop_rng = np.random.default_rng(9)
+    resized = Image.fromarray(noisy).resize((round(150 * 64 / 110), 64), Image.BICUBIC)
+    top, left = int(crop_rng.integers(0, 1)), int(crop_rng.integers(0, resized.width - 63))
+    plain = np.asarray(resized)[top : top + 64, left : left + 64].transpose(2, 0, 1)
+    assert np.abs(ours.astype(int) - plain.astype(int)).max() <= 1

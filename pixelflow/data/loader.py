@@ -6,7 +6,11 @@ shuffles with a seeded permutation. A lane's sample sequence is therefore a pure
 (seed, lane, number of lanes), and its only state is how many samples were consumed: a checkpoint stores one
 integer per lane and a restart continues exactly, re-reading at most one block. Lanes are dealt to ranks
 and then to DataLoader workers; a worker always takes its next sample from its least-advanced lane, so
-the interleaving is deterministic too. Lanes run on into the next epoch, so no rank ever runs dry.
+the interleaving is deterministic too. Lanes run on into the next epoch, so no rank ever runs dry, and a
+restart on a different number of ranks deals the same lanes out again from their cursors.
+
+Each block is fetched with one ranged read per shard it touches, retried with backoff on transient
+storage errors, while the block before it is being decoded.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -22,15 +27,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pixelflow.data.decode import DecodeError, decode_crop
-from pixelflow.data.shard_format import (
-    Manifest,
-    SampleEntry,
-    ShardFormatError,
-    filesystem,
-    parse_sample,
-    read_index,
-    read_manifest,
-)
+from pixelflow.data.shard_format import Manifest, SampleEntry, ShardFormatError, parse_sample, read_index, read_manifest
+from pixelflow.data.storage import filesystem, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +40,21 @@ def lane_shards(num_shards: int, num_lanes: int, lane: int, seed: int, epoch: in
 
 
 @dataclass(frozen=True)
+class ReadSettings:
+    """Everything a reading process needs; picklable, so DataLoader workers get it whole."""
+
+    path: str
+    manifest: Manifest
+    num_lanes: int
+    seed: int
+    resolution: int
+    shuffle_block: int
+    storage_options: dict = field(default_factory=dict)
+    retries: int = 5
+    retry_wait: float = 0.5
+
+
+@dataclass(frozen=True)
 class Sample:
     lane: int
     position: int  # index in the lane's endless sequence
@@ -50,94 +63,105 @@ class Sample:
     image: np.ndarray | None  # (3, R, R) uint8; None when the image could not be decoded
 
 
+@dataclass(frozen=True)
+class Block:
+    epoch: int
+    start: int  # position in the epoch of the block's first sample
+    entries: list[tuple[int, int]]  # (shard, index in shard) in file order
+    order: np.ndarray  # the block's seeded permutation
+    skip: int  # samples of the permuted block already consumed
+
+
 class LaneReader:
     """Reads one lane's endless, block-shuffled sample sequence from any position."""
 
-    def __init__(
-        self,
-        root: str,
-        storage_options: dict,
-        manifest: Manifest,
-        lane: int,
-        num_lanes: int,
-        seed: int,
-        resolution: int,
-        shuffle_block: int,
-    ):
-        self.root, self.storage_options, self.manifest = root, storage_options, manifest
-        self.lane, self.num_lanes, self.seed = lane, num_lanes, seed
-        self.resolution, self.block = resolution, shuffle_block
+    def __init__(self, settings: ReadSettings, lane: int):
+        self.settings, self.lane = settings, lane
         self._fs, self._base, self._fs_pid = None, "", -1
         self._index = lru_cache(maxsize=64)(self._load_index)
 
     def _filesystem(self):
         """(filesystem, dataset path in it), made afresh in each process: s3fs instances are not fork-safe."""
         if self._fs_pid != os.getpid():
-            self._fs, self._base = filesystem(self.root, **self.storage_options)
+            self._fs, self._base = filesystem(self.settings.path, **self.settings.storage_options)
             self._fs_pid = os.getpid()
         return self._fs, self._base
 
     def _load_index(self, shard: int) -> list[SampleEntry]:
         fs, base = self._filesystem()
-        return read_index(fs, base, self.manifest.shards[shard].name)
+        return read_index(fs, base, self.settings.manifest.shards[shard].name)
 
     def _epoch_entries(self, epoch: int) -> list[tuple[int, int]]:
-        shards = lane_shards(len(self.manifest.shards), self.num_lanes, self.lane, self.seed, epoch)
-        return [(shard, i) for shard in shards for i in range(self.manifest.shards[shard].count)]
+        shards = self.settings.manifest.shards
+        chosen = lane_shards(len(shards), self.settings.num_lanes, self.lane, self.settings.seed, epoch)
+        return [(shard, i) for shard in chosen for i in range(shards[shard].count)]
 
-    def _read_block(self, entries: list[tuple[int, int]]) -> list[tuple[SampleEntry, dict[str, bytes]]]:
-        """Fetch a block's samples with one ranged read per shard they come from."""
-        out = []
-        start = 0
-        while start < len(entries):
-            shard = entries[start][0]
-            stop = start
-            while stop < len(entries) and entries[stop][0] == shard:
-                stop += 1
-            index = self._index(shard)
-            first, last = index[entries[start][1]], index[entries[stop - 1][1]]
-            fs, base = self._filesystem()
-            path = f"{base}/{self.manifest.shards[shard].name}"
-            raw = fs.cat_file(path, start=first.offset, end=last.offset + last.length)
-            for _, i in entries[start:stop]:
-                entry = index[i]
-                where = f"{path} sample {entry.key}"
-                chunk = raw[entry.offset - first.offset : entry.offset - first.offset + entry.length]
-                out.append((entry, parse_sample(chunk, where)))
-            start = stop
-        return out
-
-    def samples(self, position: int) -> Iterator[Sample]:
-        """The lane's samples from `position` on, forever."""
+    def _blocks(self, position: int) -> Iterator[Block]:
+        """The lane's blocks from the one holding `position` on, forever."""
         epoch, offset = 0, position
-        while True:
-            entries = self._epoch_entries(epoch)
-            if offset < len(entries):
-                break
+        while offset >= len(entries := self._epoch_entries(epoch)):
             if not entries:
-                raise ShardFormatError(f"{self.root}: lane {self.lane} got no shards; need more shards than lanes")
+                raise ShardFormatError(f"{self.settings.path}: lane {self.lane} was dealt only empty shards")
             offset -= len(entries)
             epoch += 1
+        size = self.settings.shuffle_block
         while True:
             entries = self._epoch_entries(epoch)
-            for block_start in range(offset - offset % self.block, len(entries), self.block):
-                block = entries[block_start : block_start + self.block]
-                order = np.random.default_rng([self.seed, epoch, self.lane, block_start]).permutation(len(block))
-                remaining = order[max(0, offset - block_start) :]
-                wanted = sorted(remaining)  # file order, so each shard is one ranged read
-                fetched = dict(zip(wanted, self._read_block([block[j] for j in wanted])))
-                for j in remaining:
-                    entry, members = fetched[j]
-                    yield self._decode(entry, members, epoch, position)
-                    position += 1
+            for start in range(offset - offset % size, len(entries), size):
+                block = entries[start : start + size]
+                order = np.random.default_rng([self.settings.seed, epoch, self.lane, start]).permutation(len(block))
+                yield Block(epoch, start, block, order, max(0, offset - start))
             offset = 0
             epoch += 1
 
+    def _fetch(self, block: Block) -> list[tuple[SampleEntry, dict[str, bytes]]]:
+        """The block's samples (in file order) with one retried ranged read per shard they come from."""
+        fs, base = self._filesystem()
+        out, first = [], 0
+        entries = block.entries
+        while first < len(entries):
+            shard = entries[first][0]
+            stop = first
+            while stop < len(entries) and entries[stop][0] == shard:
+                stop += 1
+            index = self._index(shard)
+            head, tail = index[entries[first][1]], index[entries[stop - 1][1]]
+            path = f"{base}/{self.settings.manifest.shards[shard].name}"
+            raw = with_retries(
+                lambda path=path, head=head, tail=tail: fs.cat_file(
+                    path, start=head.offset, end=tail.offset + tail.length
+                ),
+                f"reading shard {path}",
+                self.settings.retries,
+                self.settings.retry_wait,
+            )
+            for _, i in entries[first:stop]:
+                entry = index[i]
+                chunk = raw[entry.offset - head.offset : entry.offset - head.offset + entry.length]
+                out.append((entry, parse_sample(chunk, f"{path} sample {entry.key}")))
+            first = stop
+        return out
+
+    def samples(self, position: int) -> Iterator[Sample]:
+        """The lane's samples from `position` on, forever; the next block downloads while this one decodes."""
+        blocks = self._blocks(position)
+        with ThreadPoolExecutor(max_workers=1) as prefetcher:
+            block = next(blocks)
+            pending = prefetcher.submit(self._fetch, block)
+            while True:
+                upcoming = next(blocks)
+                fetched, pending = pending.result(), prefetcher.submit(self._fetch, upcoming)
+                for j in block.order[block.skip :]:
+                    entry, members = fetched[j]
+                    yield self._decode(entry, members, block.epoch, position)
+                    position += 1
+                block = upcoming
+
     def _decode(self, entry: SampleEntry, members: dict[str, bytes], epoch: int, position: int) -> Sample:
         label = -1 if entry.label is None else int(entry.label)
-        rng = np.random.default_rng([self.seed, epoch, position, self.lane])
+        rng = np.random.default_rng([self.settings.seed, epoch, position, self.lane])
         try:
-            image = decode_crop(members[entry.image], self.resolution, rng)
+            image = decode_crop(members[entry.image], self.settings.resolution, rng)
         except (DecodeError, KeyError) as exc:
             log.warning("skipping sample %s (lane %d): cannot decode image: %s", entry.key, self.lane, exc)
             image = None
@@ -157,23 +181,15 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        root: str,
-        manifest: Manifest,
+        settings: ReadSettings,
         lanes: list[int],
-        num_lanes: int,
         positions: dict[int, int],
         batch_size: int,
-        resolution: int,
-        seed: int,
-        shuffle_block: int,
-        storage_options: dict | None = None,
         first_worker: int = 0,
     ):
         super().__init__()
-        self.root, self.manifest, self.lanes, self.num_lanes = root, manifest, lanes, num_lanes
-        self.first_worker = first_worker
-        self.positions, self.batch_size, self.resolution = positions, batch_size, resolution
-        self.seed, self.shuffle_block, self.storage_options = seed, shuffle_block, storage_options or {}
+        self.settings, self.lanes, self.positions = settings, lanes, positions
+        self.batch_size, self.first_worker = batch_size, first_worker
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
@@ -183,19 +199,7 @@ class ShardStream(IterableDataset):
             lanes = self.lanes[(worker.id + self.first_worker) % worker.num_workers :: worker.num_workers]
         if not lanes:
             return
-        readers = {
-            lane: LaneReader(
-                self.root,
-                self.storage_options,
-                self.manifest,
-                lane,
-                self.num_lanes,
-                self.seed,
-                self.resolution,
-                self.shuffle_block,
-            ).samples(self.positions[lane])
-            for lane in lanes
-        }
+        readers = {lane: LaneReader(self.settings, lane).samples(self.positions[lane]) for lane in lanes}
         positions = {lane: self.positions[lane] for lane in lanes}
         while True:
             images, labels, keys = [], [], []
@@ -211,7 +215,11 @@ class ShardStream(IterableDataset):
 
 
 class DataStream:
-    """One rank's endless iterator of batches plus the lane cursors a checkpoint needs to resume it."""
+    """One rank's endless iterator of batches plus the lane cursors a checkpoint needs to resume it.
+
+    `state` is a previous `state_dict()` (merged over ranks); lanes then keep their count and cursors,
+    whatever the number of ranks now.
+    """
 
     def __init__(
         self,
@@ -226,36 +234,31 @@ class DataStream:
         state: dict | None = None,
         storage_options: dict | None = None,
         pin_memory: bool = False,
+        lanes: int = 0,
+        retries: int = 5,
+        retry_wait: float = 0.5,
     ):
-        fs, root = filesystem(path, **(storage_options or {}))
-        self.manifest = read_manifest(fs, root)
-        num_lanes = state["num_lanes"] if state else world_size * max(num_workers, 1)
-        if num_lanes % world_size:
-            raise ValueError(f"checkpointed data has {num_lanes} lanes, which {world_size} ranks cannot share evenly")
-        if len(self.manifest.shards) < num_lanes:
+        storage_options = storage_options or {}
+        fs, root = filesystem(path, **storage_options)
+        manifest = read_manifest(fs, root)
+        num_lanes = state["num_lanes"] if state else (lanes or world_size * max(num_workers, 1))
+        if num_lanes < world_size:
+            raise ValueError(f"{num_lanes} data lanes cannot feed {world_size} ranks; set data.lanes higher")
+        if len(manifest.shards) < num_lanes:
             raise ShardFormatError(
-                f"{path}: {len(self.manifest.shards)} shards cannot feed {num_lanes} reading lanes "
+                f"{path}: {len(manifest.shards)} shards cannot feed {num_lanes} reading lanes "
                 f"(ranks x data workers); write more, smaller shards or use fewer workers"
             )
-        self.num_lanes = num_lanes
+        self.manifest, self.num_lanes = manifest, num_lanes
         self.lanes = list(range(rank, num_lanes, world_size))
         saved = state["positions"] if state else [0] * num_lanes
         self.positions = {lane: int(saved[lane]) for lane in self.lanes}
         self.batches = int(state["batches"]) if state else 0
         workers = min(num_workers, len(self.lanes))
-        stream = ShardStream(
-            path,
-            self.manifest,
-            self.lanes,
-            num_lanes,
-            dict(self.positions),
-            batch_size,
-            resolution,
-            seed,
-            shuffle_block,
-            storage_options,
-            self.batches % max(workers, 1),
+        settings = ReadSettings(
+            path, manifest, num_lanes, seed, resolution, shuffle_block, storage_options, retries, retry_wait
         )
+        stream = ShardStream(settings, self.lanes, dict(self.positions), batch_size, self.batches % max(workers, 1))
         self._loader = DataLoader(
             stream,
             batch_size=None,
@@ -276,12 +279,19 @@ class DataStream:
         return batch
 
     def state_dict(self) -> dict:
-        """Cursors of this rank's lanes (others stay 0; ranks' states merge by taking the maximum) and the
-        number of batches taken, which fixes whose turn it is among the DataLoader workers."""
+        """Cursors of this rank's lanes (others 0: merge ranks' states with `merge_states`) and the number
+        of batches taken, which fixes whose turn it is among the DataLoader workers."""
         positions = [0] * self.num_lanes
         for lane, position in self.positions.items():
             positions[lane] = position
         return {"num_lanes": self.num_lanes, "positions": positions, "batches": self.batches}
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One data state from every rank's: each lane's cursor comes from the rank that owned it."""
+    merged = dict(states[0])
+    merged["positions"] = [max(column) for column in zip(*(s["positions"] for s in states))]
+    return merged
 
 
 def _quiet_worker(_: int) -> None:

@@ -21,6 +21,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import tar_file_iterator
 
+from pixelflow.data.storage import with_retries
+
 FORMAT_NAME = "pixelflow-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -106,16 +108,10 @@ class Manifest:
         return Manifest(shards=shards, num_classes=raw.get("num_classes"))
 
 
-def filesystem(path: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local directory or an fsspec URL such as s3://bucket/prefix."""
-    fs, root = fsspec.core.url_to_fs(path, **storage_options)
-    return fs, root.rstrip("/")
-
-
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest:
     where = f"{root}/{MANIFEST_NAME}"
     try:
-        text = fs.cat_file(where).decode()
+        text = with_retries(lambda: fs.cat_file(where), where).decode()
     except FileNotFoundError:
         raise ShardFormatError(f"{where}: no manifest; is this a dataset written by pixelflow-data?") from None
     return Manifest.from_json(text, where)
@@ -134,7 +130,7 @@ def write_json_atomically(fs: fsspec.AbstractFileSystem, path: str, text: str) -
 def read_index(fs: fsspec.AbstractFileSystem, root: str, shard: str) -> list[SampleEntry]:
     where = f"{root}/{index_name(shard)}"
     try:
-        raw = json.loads(fs.cat_file(where))
+        raw = json.loads(with_retries(lambda: fs.cat_file(where), where))
         return [SampleEntry(**entry) for entry in raw["samples"]]
     except FileNotFoundError:
         raise ShardFormatError(f"{where}: index missing; the shard was never completed") from None
@@ -208,12 +204,19 @@ class ShardWriter:
     def bytes_written(self) -> int:
         return self._tar.offset
 
-    def close(self) -> ShardInfo:
-        """Finish the tar, then write its index: the index is the shard's commit marker."""
+    def close_tar(self) -> ShardInfo:
+        """Finish and upload the tar; the shard is not complete until `commit`."""
         self._tar.close()
         self._file.close()
-        total = self.fs.size(f"{self.root}/{self.name}")
-        write_json_atomically(
-            self.fs, f"{self.root}/{index_name(self.name)}", index_json(self.name, self.entries, total)
-        )
-        return ShardInfo(self.name, len(self.entries), total)
+        self.info = ShardInfo(self.name, len(self.entries), self.fs.size(f"{self.root}/{self.name}"))
+        return self.info
+
+    def commit(self) -> None:
+        """Write the index, the shard's commit marker (always after its tar)."""
+        index = index_json(self.name, self.entries, self.info.bytes)
+        write_json_atomically(self.fs, f"{self.root}/{index_name(self.name)}", index)
+
+    def close(self) -> ShardInfo:
+        info = self.close_tar()
+        self.commit()
+        return info

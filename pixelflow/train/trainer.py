@@ -14,6 +14,7 @@ from pixelflow.cascade import CascadeSchedule, build_training_batch, per_sequenc
 from pixelflow.config import Config, to_yaml
 from pixelflow.data.loader import Batch, DataStream
 from pixelflow.data.planner import plan_stages
+from pixelflow.data.storage import storage_options
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.parallel import parallelize
 from pixelflow.train.checkpoint import Checkpointer
@@ -123,7 +124,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def train(cfg: Config, storage_options: dict | None = None) -> Path:
+def train(cfg: Config) -> Path:
     """Train (or resume) the run described by cfg; returns the run directory."""
     device = resolve_device(cfg.train.device)
     run_dir = prepare_run_dir(cfg)
@@ -153,8 +154,11 @@ def train(cfg: Config, storage_options: dict | None = None) -> Path:
         cfg.data.num_workers,
         cfg.data.shuffle_block,
         state=resumed["data"] if resumed else None,
-        storage_options=storage_options,
+        storage_options=storage_options(cfg.data.path, cfg.data.endpoint_url),
         pin_memory=device.type == "cuda",
+        lanes=cfg.data.lanes,
+        retries=cfg.data.retries,
+        retry_wait=cfg.data.retry_wait,
     )
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
     parallelize(model, cfg, device)
