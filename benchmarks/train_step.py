@@ -5,12 +5,16 @@ AdamW, EMA). FLOPs count 3 x depth x (24 d^2 L + 4 d L^2) per sample of L tokens
 
     python benchmarks/train_step.py --config configs/pixelflow_xl_c2i_256.yaml --batches 16 32 64 --micro 16 \
         --compile --peak-tflops 790
-Prints one JSON line per configuration.
+    torchrun --nproc_per_node 1 benchmarks/train_step.py --batches 16 --micro 16 --compile   # FSDP2, world size 1
+    torchrun --nproc_per_node 1 benchmarks/train_step.py --engine deepspeed --batches 16      # DeepSpeed ZeRO-3
+Prints one JSON line per configuration (from rank 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import sys
 from pathlib import Path
 
@@ -23,11 +27,9 @@ from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
 from pixelflow.data.loader import Batch  # noqa: E402
 from pixelflow.data.planner import plan_stages  # noqa: E402
-from pixelflow.model import PixelFlowTransformer  # noqa: E402
-from pixelflow.parallel import parallelize  # noqa: E402
-from pixelflow.train.ema import EMA  # noqa: E402
-from pixelflow.train.optim import build_optimizer  # noqa: E402
-from pixelflow.train.trainer import resolve_device, train_step  # noqa: E402
+from pixelflow.parallel.world import init_world  # noqa: E402
+from pixelflow.train.engine import build_engine  # noqa: E402
+from pixelflow.train.trainer import train_step  # noqa: E402
 
 
 def step_flops(cfg, schedule: CascadeSchedule, stages: list[int]) -> float:
@@ -39,46 +41,47 @@ def step_flops(cfg, schedule: CascadeSchedule, stages: list[int]) -> float:
     return total
 
 
-def measure(args: argparse.Namespace, device: torch.device, batch_size: int) -> dict:
+def measure(args: argparse.Namespace, batch_size: int) -> dict:
     micro = args.micro if args.micro and batch_size % args.micro == 0 else 0
     cfg = load_config(
         args.config,
         [
             "run_dir=unused",
             "data.path=unused",
+            f"engine={args.engine}",
             f"train.global_batch={batch_size}",
             f"train.micro_batch={micro}",
+            f"train.device={args.device}",
             f"parallel.compile={args.compile}",
             f"parallel.activation_checkpointing={args.ac}",
             f"model.attention={args.attention}",
             *args.overrides,
         ],
     )
+    world = init_world(cfg, cfg.train.device)
+    device = world.device
     record = {
         "bench": "train_step",
         "device": device_name(device),
         "config": args.config,
+        "engine": cfg.engine if world.distributed else "plain",
+        "world_size": world.size,
         "batch": batch_size,
         "micro": micro or batch_size,
         "compile": args.compile,
         "ac": args.ac,
         "attention": args.attention,
     }
-    torch.manual_seed(0)
-    model = PixelFlowTransformer(cfg.model).to(device)
-    optimizer, _ = build_optimizer(model, cfg.train, fused=device.type == "cuda")
-    ema = EMA(model, cfg.train.ema_decay)
-    parallelize(model, cfg, device)
+    engine = build_engine(cfg, world)
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
-    side = cfg.data.resolution
-    images = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, max(cfg.model.num_classes, 1), (batch_size,), device=device)
+    side, local = cfg.data.resolution, batch_size // world.dp_size
+    images = torch.randint(0, 256, (local, 3, side, side), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, max(cfg.model.num_classes, 1), (local,), device=device)
     batch = Batch(images, labels, [], {})
     steps = iter(range(1, 10**9))
 
     def one_step() -> None:
-        train_step(model, optimizer, batch, next(steps), cfg, schedule, device)
-        ema.update(model)
+        train_step(engine, batch, next(steps), cfg, schedule, world)
 
     try:
         timed(device, one_step, args.warmup)
@@ -110,12 +113,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak for MFU (0 = no MFU)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--engine", default="fsdp", help="fsdp (plain on one process, FSDP2 under torchrun) | deepspeed"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
-    device = resolve_device(args.device)
     for batch_size in args.batches:
-        emit(measure(args, device, batch_size))
-        if device.type == "cuda":
+        record = measure(args, batch_size)
+        if int(os.environ.get("RANK", "0")) == 0:
+            emit(record)
+        gc.collect()
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixelflow.model.layout import PackedLayout, patchify, to_device
+from pixelflow.model.layout import PackedLayout, Piece, patchify, stream_pieces, to_device
 
 
 @dataclass(frozen=True)
@@ -117,13 +117,20 @@ def stage_pair(images: torch.Tensor, stage: int, schedule: CascadeSchedule) -> t
     return end, double(halve(end))
 
 
+def sample_seed(seed: int, step: int, sample_id: int) -> int:
+    """The seed of one sample's noise, time and label dropout at one step."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + sample_id) % (2**63)
+
+
 def build_training_batch(
     images: torch.Tensor,
     labels: torch.Tensor,
     stages: Sequence[int],
     schedule: CascadeSchedule,
     patch_size: int,
-    generator: torch.Generator,
+    seed: int,
+    step: int,
+    sample_ids: Sequence[int],
     class_dropout: float = 0.0,
     null_class: int = 0,
 ) -> TrainingBatch:
@@ -132,19 +139,27 @@ def build_training_batch(
     For a sample at stage s with noise n, position tau in [0, 1) inside the stage:
     end' = t_end*end + (1-t_end)*n, start' = t_start*start + (1-t_start)*n,
     x = tau*end' + (1-tau)*start', target = end' - start'.
+    A sample's noise, tau and label dropout come from its own generator, seeded by (seed, step, sample id):
+    the same global batch gives the same pairs however it is split over ranks and micro-batches.
     """
     device = images.device
     steps = schedule.num_train_timesteps
-    tokens, targets, timesteps, stage_ids, sides, order = [], [], [], [], [], []
+    generator = torch.Generator(device=device)
+    tokens, targets, timesteps, stage_ids, sides, order, dropped = [], [], [], [], [], [], []
     for stage in sorted(set(stages), reverse=True):
         members = [i for i, s in enumerate(stages) if s == stage]
         chosen = images.index_select(0, to_device(torch.tensor(members), device))
         end, start = stage_pair(to_unit_range(chosen), stage, schedule)
-        noise = torch.randn(end.shape, generator=generator, device=device)
+        noise, index = [], []
+        for member in members:
+            generator.manual_seed(sample_seed(seed, step, sample_ids[member]))
+            noise.append(torch.randn(end.shape[1:], generator=generator, device=device))
+            index.append(torch.randint(0, steps, (1,), generator=generator, device=device))
+            dropped.append(torch.rand(1, generator=generator, device=device))
+        noise = torch.stack(noise)
         end = schedule.end[stage] * end + (1.0 - schedule.end[stage]) * noise
         start = schedule.start[stage] * start + (1.0 - schedule.start[stage]) * noise
-        index = torch.randint(0, steps, (len(members),), generator=generator, device=device)
-        tau = index.double() / steps
+        tau = torch.cat(index).double() / steps
         timesteps.append(schedule.timestep(stage, tau).float())
         tau = tau.float().view(-1, 1, 1, 1)
         tokens.append(patchify(tau * end + (1.0 - tau) * start, patch_size))
@@ -154,8 +169,7 @@ def build_training_batch(
         order += members
     labels = labels.to(device).index_select(0, to_device(torch.tensor(order), device))
     if class_dropout > 0:
-        dropped = torch.rand(labels.shape, generator=generator, device=device) < class_dropout
-        labels = torch.where(dropped, torch.full_like(labels, null_class), labels)
+        labels = torch.where(torch.cat(dropped) < class_dropout, torch.full_like(labels, null_class), labels)
     return TrainingBatch(
         tokens=torch.cat(tokens),
         targets=torch.cat(targets),
@@ -167,10 +181,27 @@ def build_training_batch(
     )
 
 
-def per_sequence_mse(prediction: torch.Tensor, target: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-    """(B,) mean squared error of every sequence over its tokens and channels, in float32."""
+def per_sequence_mse(
+    prediction: torch.Tensor, target: torch.Tensor, layout: PackedLayout, pieces: tuple[Piece, ...] | None = None
+) -> torch.Tensor:
+    """(B,) mean squared error of every sequence over its tokens and channels, in float32.
+
+    With `pieces` (a sequence-parallel rank's slice of the stream) each value is this slice's share of the
+    sequence's error: the shares of a group's ranks add up to the full value; padding counts for nothing.
+    """
     squared = (prediction.float() - target.float()).pow(2)
-    return torch.cat([squared[run.start : run.end].reshape(run.count, -1).mean(1) for run in layout.runs])
+    channels = squared.shape[-1]
+    values, start, first = [], 0, None
+    for piece in pieces if pieces is not None else stream_pieces(layout):
+        chunk = squared[start : start + piece.tokens]
+        start += piece.tokens
+        if piece.first_sequence is None:
+            continue
+        first = piece.first_sequence if first is None else first
+        values.append(chunk.reshape(piece.count, -1).sum(1) / (piece.side**2 * channels))
+    held = torch.cat(values) if values else squared.new_zeros(0)
+    first = first or 0
+    return F.pad(held, (first, layout.num_sequences - first - held.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------- sampling

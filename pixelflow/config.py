@@ -70,6 +70,9 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    dp_replicate: int = 1  # replicas of the sharded model (HSDP when > 1)
+    dp_shard: int = 0  # ranks each replica's parameters are sharded over; 0 = all the rest
+    sp: int = 1  # Ulysses sequence parallel: ranks sharing one packed micro-batch (must divide num_heads)
     compile: bool = False  # torch.compile every transformer block
     activation_checkpointing: str = "none"  # none | full | every_<k> (every k-th block)
 
@@ -100,6 +103,7 @@ class WandbConfig:
 class Config:
     run_dir: str = MISSING
     seed: int = 0
+    engine: str = "fsdp"  # fsdp (FSDP2/HSDP when distributed, plain on one process) | deepspeed (ZeRO-3)
     model: ModelConfig = field(default_factory=ModelConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -213,6 +217,20 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (t.log_every >= 1, "train.log_every", f"= {t.log_every} must be at least 1"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision", f"= '{t.precision}' must be auto, fp32 or bf16"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", f"= '{t.device}' must be auto, cpu or cuda"),
+        (cfg.engine in ("fsdp", "deepspeed"), "engine", f"= '{cfg.engine}' must be fsdp or deepspeed"),
+        (cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be at least 1"),
+        (cfg.parallel.dp_shard >= 0, "parallel.dp_shard", "must be 0 (all remaining ranks) or more"),
+        (cfg.parallel.sp >= 1, "parallel.sp", "must be at least 1"),
+        (
+            m.num_heads % cfg.parallel.sp == 0,
+            "parallel.sp",
+            f"= {cfg.parallel.sp} must divide model.num_heads = {m.num_heads} (Ulysses splits heads)",
+        ),
+        (
+            cfg.engine != "deepspeed" or (cfg.parallel.sp == 1 and cfg.parallel.dp_replicate == 1),
+            "engine",
+            "= deepspeed runs ZeRO-3 data parallel only (parallel.sp and parallel.dp_replicate must be 1)",
+        ),
         (
             re.fullmatch(r"none|full|every_[1-9]\d*", cfg.parallel.activation_checkpointing) is not None,
             "parallel.activation_checkpointing",

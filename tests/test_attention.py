@@ -17,6 +17,7 @@ from pixelflow.model.attention import (
     set_attention_backend,
 )
 from pixelflow.model.embeddings import rope_table
+from pixelflow.model.layout import stream_pieces
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -27,6 +28,7 @@ def stream(sides: list[int], heads: int, head_dim: int, device: str, dtype: torc
     q, k, v, upstream = (torch.randn(layout.num_tokens, heads, head_dim, generator=generator) for _ in range(4))
     ctx = StreamContext(
         layout,
+        stream_pieces(layout),
         layout.sequence_of_token(device),
         layout.cu_seqlens(device),
         {side: rope_table(side, head_dim, device) for side in set(sides)},

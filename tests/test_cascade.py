@@ -19,10 +19,12 @@ from pixelflow.cascade import (
     per_sequence_mse,
     renoise_scale,
     sample,
+    sample_seed,
     stage_pair,
     stage_time_grid,
 )
 from pixelflow.model import PackedLayout, unpatchify
+from pixelflow.model.layout import stream_pieces
 
 
 def test_four_stage_windows_and_timestep_ranges_match_the_reference_scheduler():
@@ -65,12 +67,15 @@ def test_training_pairs_match_hand_computed_values():
     schedule = CascadeSchedule.build(2)
     assert schedule.start == pytest.approx((0.0, 1 / 3)) and schedule.end == (0.5, 1.0)
     images = IMAGE.expand(2, 1, 4, 4).clone()
-    batch = build_training_batch(images, torch.tensor([3, 4]), [0, 1], schedule, 1, torch.Generator().manual_seed(7))
+    batch = build_training_batch(images, torch.tensor([3, 4]), [0, 1], schedule, 1, seed=7, step=2, sample_ids=[10, 11])
 
-    # The same draws, in the builder's order: per stage from the highest, noise then the time index.
-    replay = torch.Generator().manual_seed(7)
-    noise_top, index_top = torch.randn(1, 1, 4, 4, generator=replay), torch.randint(0, 1000, (1,), generator=replay)
-    noise_low, index_low = torch.randn(1, 1, 2, 2, generator=replay), torch.randint(0, 1000, (1,), generator=replay)
+    # Each sample's own draws: its generator, seeded by (seed, step, sample id), gives noise then time index.
+    def draws(sample_id, side):
+        replay = torch.Generator().manual_seed(sample_seed(7, 2, sample_id))
+        return torch.randn(1, 1, side, side, generator=replay), torch.randint(0, 1000, (1,), generator=replay)
+
+    noise_top, index_top = draws(11, 4)
+    noise_low, index_low = draws(10, 2)
 
     end_top = torch.tensor([[1.0, 1, -1, -1], [1, 1, -1, -1], [-1, -1, 1, 1], [-1, -1, 1, -1]])
     start_top = torch.tensor([[1.0, 1, -1, -1], [1, 1, -1, -1], [-1, -1, 0.5, 0.5], [-1, -1, 0.5, 0.5]])
@@ -97,7 +102,16 @@ def test_label_dropout_uses_the_null_class_at_the_configured_rate():
     images = torch.zeros(4000, 1, 4, 4, dtype=torch.uint8)
     labels = torch.full((4000,), 5)
     batch = build_training_batch(
-        images, labels, [1] * 4000, schedule, 1, torch.Generator().manual_seed(0), class_dropout=0.1, null_class=10
+        images,
+        labels,
+        [1] * 4000,
+        schedule,
+        1,
+        seed=0,
+        step=1,
+        sample_ids=range(4000),
+        class_dropout=0.1,
+        null_class=10,
     )
     dropped = (batch.labels == 10).float().mean().item()
     assert set(batch.labels.tolist()) == {5, 10}
@@ -109,6 +123,21 @@ def test_per_sequence_mse():
     prediction, target = torch.randn(6, 3), torch.randn(6, 3)
     expected = [((prediction[a:b] - target[a:b]) ** 2).mean() for a, b in [(0, 4), (4, 5), (5, 6)]]
     assert torch.allclose(per_sequence_mse(prediction, target, layout), torch.stack(expected))
+
+
+def test_sequence_parallel_shares_of_the_loss_add_up():
+    layout = PackedLayout.from_sides([4, 2, 4, 1, 2])  # 16 + 4 + 16 + 1 + 4 = 41 tokens
+    prediction, target = torch.randn(41, 3), torch.randn(41, 3)
+    whole = per_sequence_mse(prediction, target, layout)
+    for ranks in (2, 3, 4):
+        size = -(-41 // ranks)
+        shares = []
+        for rank in range(ranks):
+            start, stop = rank * size, (rank + 1) * size
+            pad = stop - min(stop, 41)
+            local = [torch.cat([t[start:stop], torch.zeros(pad, 3)]) for t in (prediction, target)]
+            shares.append(per_sequence_mse(*local, layout, stream_pieces(layout, start, stop)))
+        assert torch.allclose(sum(shares), whole, atol=1e-6)
 
 
 def test_block_noise_covariance_within_two_percent():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from pixelflow.config import ConfigError, load_config
+from pixelflow.parallel.world import layout_for
 from tests.conftest import REPO
 
 
@@ -76,3 +78,28 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"pixelflow: error: {path}: unknown key 'train.stpes'"]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["parallel.sp=3"], "'parallel.sp' = 3 must divide model.num_heads = 16"),
+        (["engine=deepspeed", "parallel.sp=2"], "'engine' = deepspeed runs ZeRO-3 data parallel only"),
+        (["engine=ddp"], "'engine' = 'ddp' must be fsdp or deepspeed"),
+        (["parallel.activation_checkpointing=some"], "must be none, full or every_<k>"),
+    ],
+)
+def test_bad_parallel_settings_fail_clearly(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(write(tmp_path, BASE), overrides)
+
+
+def test_process_count_must_match_the_mesh(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["parallel.dp_shard=2", "parallel.sp=2", "train.global_batch=8"])
+    assert layout_for(cfg, 4) == (1, 2, 2)
+    with pytest.raises(ConfigError, match=re.escape("dp_replicate x dp_shard x sp = 1 x 2 x 2 does not match the 2")):
+        layout_for(cfg, 2)
+    automatic = load_config(write(tmp_path, BASE), ["parallel.sp=2", "train.global_batch=6"])
+    assert layout_for(automatic, 6) == (1, 3, 2)
+    with pytest.raises(ConfigError, match="train.global_batch = 6 must divide over 4 data ranks"):
+        layout_for(automatic, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -114,3 +115,22 @@ def test_rope_first_half_encodes_columns():
     same_column = cos[[0, 4, 8, 12]]  # tokens (row r, column 0)
     assert torch.allclose(same_column[:, :8], same_column[0, :8].expand(4, 8))
     assert not torch.allclose(same_column[:, 8:], same_column[0, 8:].expand(4, 8))
+
+
+def test_cross_attention_on_a_slice_of_the_stream_equals_that_slice_of_the_whole():
+    """Text conditioning under sequence parallelism: a rank's token slice needs no other rank's tokens."""
+    model = randomised(ModelConfig(depth=1, num_heads=2, head_dim=8, num_classes=0, text_dim=6))
+    block = model.blocks[0]
+    layout = PackedLayout.from_sides([4, 2, 2, 4])
+    x = torch.randn(layout.num_tokens, 16)
+    text, mask = torch.randn(4, 5, 6), torch.tensor([[1, 1, 0, 0, 0]] * 2 + [[1] * 5] * 2)
+    whole_ctx, _ = model.stream_context(layout, torch.device("cpu"))
+    bias = ((1.0 - mask.float()) * -10000.0)[:, None, None, :]
+    whole = block.cross_attn(x, dataclasses.replace(whole_ctx, text=text, text_bias=bias))
+    for start, stop in [(0, 11), (11, 22), (5, 37), (30, 44)]:
+        ctx, _ = model.stream_context(layout, torch.device("cpu"), (start, stop))
+        piece = block.cross_attn(
+            torch.cat([x[start:stop], torch.zeros(max(0, stop - 40), 16)]),
+            dataclasses.replace(ctx, text=text, text_bias=bias),
+        )
+        assert torch.allclose(piece[: min(stop, 40) - start], whole[start:stop], atol=1e-6)

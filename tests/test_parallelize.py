@@ -26,7 +26,7 @@ def loss_and_grads(model: PixelFlowTransformer, seed: int = 0):
     schedule = CascadeSchedule.build(4)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    batch = build_training_batch(images, torch.arange(8), [0, 1, 2, 3] * 2, schedule, 4, generator)
+    batch = build_training_batch(images, torch.arange(8), [0, 1, 2, 3] * 2, schedule, 4, seed, 1, range(8))
     loss = per_sequence_mse(
         model(batch.tokens, batch.layout, batch.timesteps, batch.labels), batch.targets, batch.layout
     ).mean()

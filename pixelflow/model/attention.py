@@ -25,15 +25,20 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pixelflow.model.embeddings import apply_rope
-from pixelflow.model.layout import PackedLayout, Run
+from pixelflow.model.layout import PackedLayout, Piece, Run
 
 
 @dataclass(frozen=True)
 class StreamContext:
-    """What every block needs to know about the packed stream besides the tokens themselves."""
+    """What every block needs to know about the packed stream besides the tokens themselves.
+
+    `layout` is the whole stream (self-attention always sees whole sequences); `pieces` are the tokens this
+    call holds: all of them, or one rank's slice under sequence parallelism.
+    """
 
     layout: PackedLayout
-    sequence_of_token: torch.Tensor  # (N,) int64: which sequence each token belongs to
+    pieces: tuple[Piece, ...]
+    sequence_of_token: torch.Tensor  # (N,) int64: which sequence each token of the whole stream belongs to
     cu_seqlens: torch.Tensor  # (B+1,) int32 sequence starts, for varlen kernels
     rope: dict[int, torch.Tensor]  # token-grid side -> (side*side, head_dim, 2) cos/sin table
     text: torch.Tensor | None = None  # (B, text_len, text_dim) text tokens for cross-attention
@@ -231,18 +236,26 @@ class SelfAttention(_Projections):
 
 
 class CrossAttention(_Projections):
-    """Image tokens attend to their sequence's text tokens; rotary on the queries only, as the reference."""
+    """Image tokens attend to their sequence's text tokens; rotary on the queries only, as the reference.
+
+    Works piece by piece on whatever tokens this call holds (no sequence needs to be whole)."""
 
     def forward(self, x: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
         q = self.split_heads(self.q_norm(self.q_proj(x)))
         k = self.split_heads(self.k_norm(self.k_proj(ctx.text))).transpose(1, 2)  # (B, H, text_len, D)
         v = self.split_heads(self.v_proj(ctx.text)).transpose(1, 2)
-        outputs = []
-        for run in ctx.layout.runs:
-            sequences = slice(run.first_sequence, run.first_sequence + run.count)
-            q_run = apply_rope(run_view(q, run), ctx.rope[run.side])
-            bias = ctx.text_bias[sequences].to(q_run.dtype) if ctx.text_bias is not None else None
-            out = F.scaled_dot_product_attention(q_run, k[sequences], v[sequences], attn_mask=bias)
+        outputs, start = [], 0
+        for piece in ctx.pieces:
+            tokens = q[start : start + piece.tokens]
+            start += piece.tokens
+            if piece.first_sequence is None:
+                outputs.append(tokens.new_zeros(piece.tokens, q.shape[1] * q.shape[2]))
+                continue
+            sequences = slice(piece.first_sequence, piece.first_sequence + piece.count)
+            table = ctx.rope[piece.side][piece.offset : piece.offset + piece.length]
+            q_piece = apply_rope(tokens.reshape(piece.count, piece.length, *q.shape[1:]).transpose(1, 2), table)
+            bias = ctx.text_bias[sequences].to(q_piece.dtype) if ctx.text_bias is not None else None
+            out = F.scaled_dot_product_attention(q_piece, k[sequences], v[sequences], attn_mask=bias)
             outputs.append(from_run_view(out))
         return self.o_proj(cat_runs(outputs))
 

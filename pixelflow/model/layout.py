@@ -79,19 +79,66 @@ class PackedLayout:
         return index.to(device, non_blocking=True)
 
 
-def expand_to_tokens(values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-    """(B, k) per-sequence values -> (N, k) per-token values.
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of the stream: `count` sequences from `first_sequence` on, `length` tokens of each,
+    starting `offset` tokens into each (a whole run has offset 0 and length side*side). A rank of a
+    sequence-parallel group holds a slice of the stream, whose first and last pieces may be partial;
+    `first_sequence` None marks padding."""
 
-    Built from per-run broadcasts rather than an index gather: the backward is then a plain sum over each
+    first_sequence: int | None
+    count: int
+    length: int
+    offset: int
+    side: int
+
+    @property
+    def tokens(self) -> int:
+        return self.count * self.length
+
+
+def stream_pieces(layout: PackedLayout, start: int = 0, stop: int | None = None) -> tuple[Piece, ...]:
+    """Tokens [start, stop) of the stream as pieces; past the end of the stream is padding."""
+    stop = layout.num_tokens if stop is None else stop
+    pieces: list[Piece] = []
+    for run in layout.runs:
+        low, high = max(start, run.start), min(stop, run.end)
+        if low >= high:
+            continue
+        first, last = (low - run.start) // run.seqlen, (high - 1 - run.start) // run.seqlen
+        head_offset = (low - run.start) % run.seqlen
+        if first == last:  # within one sequence
+            pieces.append(Piece(run.first_sequence + first, 1, high - low, head_offset, run.side))
+            continue
+        if head_offset:
+            pieces.append(Piece(run.first_sequence + first, 1, run.seqlen - head_offset, head_offset, run.side))
+            first += 1
+        tail = (high - run.start) % run.seqlen
+        whole = last - first + (0 if tail else 1)
+        if whole:
+            pieces.append(Piece(run.first_sequence + first, whole, run.seqlen, 0, run.side))
+        if tail:
+            pieces.append(Piece(run.first_sequence + last, 1, tail, 0, run.side))
+    if stop > max(start, layout.num_tokens):
+        pieces.append(Piece(None, 1, stop - max(start, layout.num_tokens), 0, 0))
+    return tuple(pieces)
+
+
+def expand_to_tokens(values: torch.Tensor, pieces: tuple[Piece, ...]) -> torch.Tensor:
+    """(B, k) per-sequence values -> per-token values for the tokens `pieces` describe (zeros for padding).
+
+    Built from per-piece broadcasts rather than an index gather: the backward is then a plain sum over each
     sequence's tokens instead of atomic scatter-adds of every token into a handful of rows.
     """
-    pieces = [
-        values[run.first_sequence : run.first_sequence + run.count, None, :]
-        .expand(run.count, run.seqlen, values.shape[-1])
-        .reshape(run.count * run.seqlen, values.shape[-1])
-        for run in layout.runs
-    ]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    width = values.shape[-1]
+    parts = []
+    for piece in pieces:
+        if piece.first_sequence is None:
+            parts.append(values.new_zeros(piece.tokens, width))
+            continue
+        rows = values[piece.first_sequence : piece.first_sequence + piece.count, None, :]
+        parts.append(rows.expand(piece.count, piece.length, width).reshape(piece.tokens, width))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

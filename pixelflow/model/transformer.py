@@ -16,7 +16,7 @@ from torch import nn
 from pixelflow.config import ModelConfig
 from pixelflow.model.attention import CrossAttention, RMSNorm, SelfAttention, StreamContext
 from pixelflow.model.embeddings import ScalarEmbedder, rope_table
-from pixelflow.model.layout import PackedLayout, expand_to_tokens, patchify, to_device, unpatchify
+from pixelflow.model.layout import PackedLayout, expand_to_tokens, patchify, stream_pieces, to_device, unpatchify
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(dim, cfg.mlp_ratio)
 
     def forward(self, x: torch.Tensor, silu_cond: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        per_token = expand_to_tokens(self.modulation(silu_cond), ctx.layout)
+        per_token = expand_to_tokens(self.modulation(silu_cond), ctx.pieces)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = per_token.chunk(6, dim=-1)
         x = x + gate_attn * self.attn(modulate(self.attn_norm(x), shift_attn, scale_attn), ctx)
         if self.cross_attn is not None:
@@ -65,7 +65,7 @@ class FinalLayer(nn.Module):
         self.proj = nn.Linear(dim, out_channels)
 
     def forward(self, x: torch.Tensor, silu_cond: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        shift, scale = expand_to_tokens(self.modulation(silu_cond), ctx.layout).chunk(2, dim=-1)
+        shift, scale = expand_to_tokens(self.modulation(silu_cond), ctx.pieces).chunk(2, dim=-1)
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
@@ -82,7 +82,7 @@ class PixelFlowTransformer(nn.Module):
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.depth)])
         self.final = FinalLayer(dim, token_channels)
         self._rope_cache: dict[tuple[int, str], torch.Tensor] = {}
-        self._context_cache: dict[tuple[PackedLayout, str], tuple[StreamContext, torch.Tensor]] = {}
+        self._context_cache: dict[tuple, tuple[StreamContext, torch.Tensor]] = {}
         self.reset_parameters()
 
     @property
@@ -106,10 +106,12 @@ class PixelFlowTransformer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def stream_context(self, layout: PackedLayout, device: torch.device) -> tuple[StreamContext, torch.Tensor]:
-        """(context, per-sequence token-grid sides) for a layout, cached: repeated layouts (every Euler step,
-        most training steps) cost no host work and no host-to-device copy."""
-        key = (layout, str(device))
+    def stream_context(
+        self, layout: PackedLayout, device: torch.device, token_range: tuple[int, int] | None = None
+    ) -> tuple[StreamContext, torch.Tensor]:
+        """(context, per-sequence token-grid sides) for a layout and the token range held, cached: repeated
+        layouts (every Euler step, most training steps) cost no host work and no host-to-device copy."""
+        key = (layout, token_range, str(device))
         if key not in self._context_cache:
             if len(self._context_cache) >= 64:
                 self._context_cache.clear()
@@ -120,6 +122,7 @@ class PixelFlowTransformer(nn.Module):
                 rope[side] = self._rope_cache[(side, str(device))]
             ctx = StreamContext(
                 layout,
+                stream_pieces(layout, *(token_range or (0, layout.num_tokens))),
                 to_device(layout.sequence_of_token(), device),
                 to_device(layout.cu_seqlens(), device),
                 rope,
@@ -136,16 +139,18 @@ class PixelFlowTransformer(nn.Module):
         labels: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        token_range: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Velocity for a packed stream.
+        """Velocity for a packed stream (or the slice [start, stop) of it given in `token_range`).
 
-        tokens: (N, C*p*p) patch tokens of all sequences back to back, as `layout` describes them.
+        tokens: (N, C*p*p) patch tokens of all sequences back to back, as `layout` describes them; under
+        sequence parallelism only the slice this rank holds (stop - start tokens, padding past the end).
         timesteps: (B,) global timesteps on the 0..num_train_timesteps scale, one per sequence.
         labels: (B,) class ids, `null_class` for unconditional; None for a model without classes.
         text, text_mask: (B, L, text_dim) text-encoder tokens and (B, L) 1 = real token, 0 = padding, for a
         model with cross-attention.
         """
-        ctx, sides = self.stream_context(layout, tokens.device)
+        ctx, sides = self.stream_context(layout, tokens.device, token_range)
         if text is not None:
             bias = None if text_mask is None else ((1.0 - text_mask.float()) * -10000.0)[:, None, None, :]
             ctx = dataclasses.replace(ctx, text=text, text_bias=bias)

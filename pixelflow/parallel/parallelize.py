@@ -1,8 +1,9 @@
-"""`parallelize(model, cfg, device)`: everything that changes how the model runs, not what it computes.
+"""`parallelize(model, cfg, device, world)`: everything that changes how the model runs, not what it computes.
 
-Applied in this order, from outside the model: attention backend, activation checkpointing, then
-torch.compile per block (compiling the checkpointed forward, as torchtitan does). Module structure and
-parameter names stay as they were, so checkpoints, EMA and sampling see the plain model.
+Applied in this order, from outside the model, as torchtitan does: attention kernel, Ulysses sequence
+parallel around it, activation checkpointing, torch.compile per block, then FSDP2 (`fully_shard` per block
+and at the root; HSDP when dp_replicate > 1; bf16 parameters with float32 gradient reduction on CUDA).
+Parameter names stay as they were, so checkpoints, EMA and sampling see the plain model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from pixelflow.config import Config
 from pixelflow.model import PixelFlowTransformer
-from pixelflow.model.attention import set_attention_backend
+from pixelflow.model.attention import SelfAttention, set_attention_backend
+from pixelflow.parallel.ulysses import UlyssesAttention
+from pixelflow.parallel.world import World
 
 
 def checkpointed_blocks(mode: str, depth: int) -> list[int]:
@@ -36,13 +39,28 @@ def _recompute_in_backward(block: nn.Module) -> None:
     block.forward = recomputed
 
 
-def parallelize(model: PixelFlowTransformer, cfg: Config, device: torch.device) -> PixelFlowTransformer:
+def parallelize(
+    model: PixelFlowTransformer, cfg: Config, device: torch.device, world: World | None = None
+) -> PixelFlowTransformer:
     """Prepare a model (already on its device) for training or sampling according to cfg."""
     set_attention_backend(model, cfg.model.attention, device.type)
+    if world is not None and world.sp > 1:
+        for module in model.modules():
+            if isinstance(module, SelfAttention):
+                module.core = UlyssesAttention(module.core, world.sp_group, world.sp)
     for index in checkpointed_blocks(cfg.parallel.activation_checkpointing, len(model.blocks)):
         _recompute_in_backward(model.blocks[index])
     if cfg.parallel.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in model.blocks:
             block.compile(dynamic=False)
+    if world is not None and world.distributed and cfg.engine == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # inputs keep their dtype (timesteps stay float32); the trainer's autocast casts matmul inputs
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        options = {"mesh": world.fsdp_mesh, "mp_policy": policy if device.type == "cuda" else MixedPrecisionPolicy()}
+        for block in model.blocks:
+            fully_shard(block, **options)
+        fully_shard(model, **options)
     return model

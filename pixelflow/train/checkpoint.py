@@ -1,8 +1,10 @@
 """Checkpoints: everything needed to continue a run exactly, written atomically, the last K kept.
 
-A checkpoint is one file `step_NNNNNNNN.pt` in `<run_dir>/checkpoints/`. It is written to a temporary name,
-flushed to disk and then renamed, so a crash mid-save leaves the previous checkpoint untouched; files are
-read back with `weights_only=True` (no pickled code runs on load).
+A checkpoint is one file `step_NNNNNNNN.pt` in `<run_dir>/checkpoints/` with full (unsharded) model and EMA
+weights, optimizer state, data cursors, config and step. It is written to a temporary name, flushed to disk
+and then renamed, so a crash mid-save leaves the previous checkpoint untouched; an engine that keeps its
+own sharded state (DeepSpeed) writes `step_NNNNNNNN.deepspeed/` first, and the .pt file is the commit
+marker for both. Files are read back with `weights_only=True` (no pickled code runs on load), memory-mapped.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +53,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
     except Exception as exc:  # truncated zip, wrong format, disallowed pickle: all unusable
@@ -76,6 +79,7 @@ class Checkpointer:
         os.replace(temporary, final)
         for old in list_checkpoints(self.directory)[: -self.keep]:
             old.unlink(missing_ok=True)
+            shutil.rmtree(old.with_suffix(".deepspeed"), ignore_errors=True)  # an engine's own shards, if any
         return final
 
     def load_latest(self) -> dict[str, Any] | None:

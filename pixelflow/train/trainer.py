@@ -1,6 +1,7 @@
 """The training loop: planned batch -> cascade pairs on the device -> forward/backward -> step -> EMA ->
-log -> maybe checkpoint. Everything random is a function of (seed, step), so a resumed run continues
-exactly as an uninterrupted one would."""
+log -> maybe checkpoint. The same loop runs on one process or many (FSDP2/HSDP, Ulysses sequence
+parallel, DeepSpeed ZeRO-3). Everything random is a function of (seed, step, sample), so a resumed run
+continues exactly as an uninterrupted one would, and a global batch trains the same however it is split."""
 
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pixelflow.cascade import CascadeSchedule, build_training_batch, per_sequence_mse
 from pixelflow.config import Config, to_yaml
-from pixelflow.data.loader import Batch, DataStream
+from pixelflow.data.loader import Batch, DataStream, merge_states
 from pixelflow.data.planner import plan_stages
 from pixelflow.data.storage import storage_options
-from pixelflow.model import PixelFlowTransformer
-from pixelflow.parallel import parallelize
+from pixelflow.model.layout import stream_pieces
+from pixelflow.parallel.ulysses import sp_slice
+from pixelflow.parallel.world import World, init_world, shutdown
 from pixelflow.train.checkpoint import Checkpointer
-from pixelflow.train.ema import EMA
+from pixelflow.train.engine import Engine, build_engine
 from pixelflow.train.metrics import MetricsLogger
-from pixelflow.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -33,160 +35,179 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator for a step's noise, times and label dropout."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-
-
 class LossWindow:
-    """Per-stage loss sums since the last log, kept on the device (no host sync per step)."""
+    """Per-stage loss sums since the last log, kept on the device (no host sync per step); summed over
+    ranks at log time."""
 
-    def __init__(self, stages: int, device: torch.device):
-        self.sums = torch.zeros(stages, device=device)
-        self.counts = torch.zeros(stages, device=device)
-        self.grad_norm = torch.zeros((), device=device)
+    def __init__(self, stages: int, world: World, images_per_step: int):
+        self.world, self.images_per_step = world, images_per_step
+        self.sums = torch.zeros(stages, device=world.device)
+        self.counts = torch.zeros(stages, device=world.device)
+        self.grad_norm = torch.zeros((), device=world.device)
         self.reset()
 
     def reset(self) -> None:
         self.sums.zero_()
         self.counts.zero_()
         self.grad_norm.zero_()
-        self.steps, self.samples, self.started = 0, 0, time.perf_counter()
+        self.steps, self.started = 0, time.perf_counter()
 
     def add(self, per_sample: torch.Tensor, stages: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.sums.index_add_(0, stages, per_sample.detach())
-        self.counts.index_add_(0, stages, torch.ones_like(per_sample))
-        self.grad_norm += grad_norm.detach()
+        counted = 1.0 if self.world.sp_rank == 0 else 0.0  # an SP group's ranks share their samples
+        self.counts.index_add_(0, stages, torch.full_like(per_sample, counted))
+        self.grad_norm += grad_norm.detach().to(self.grad_norm.device)
         self.steps += 1
-        self.samples += per_sample.numel()
 
     def summary(self, step: int, lr: float) -> dict:
-        sums, counts = self.sums.tolist(), self.counts.tolist()
+        """The logged record (collective: every rank calls it at the same steps)."""
+        totals = torch.stack([self.sums, self.counts])
+        if self.world.distributed:
+            dist.all_reduce(totals)
+        sums, counts = totals.tolist()
         record = {"step": step, "loss": sum(sums) / max(sum(counts), 1.0)}
         record.update({f"loss_stage{i}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
         record["grad_norm"] = self.grad_norm.item() / self.steps
         record["lr"] = lr
-        record["img_per_s"] = self.samples / (time.perf_counter() - self.started)
+        record["img_per_s"] = self.steps * self.images_per_step / (time.perf_counter() - self.started)
         self.reset()
         return record
 
 
+def slice_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor, zero rows past its end."""
+    part = tensor[start:stop]
+    missing = stop - start - part.shape[0]
+    return torch.cat([part, part.new_zeros(missing, *part.shape[1:])]) if missing else part
+
+
 def train_step(
-    model: PixelFlowTransformer,
-    optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    step: int,
-    cfg: Config,
-    schedule: CascadeSchedule,
-    device: torch.device,
+    engine: Engine, batch: Batch, step: int, cfg: Config, schedule: CascadeSchedule, world: World
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over the global batch; returns (per-sample loss, stage per sample, grad norm)."""
-    count = batch.images.shape[0]
-    micro = cfg.train.micro_batch or count
-    stages = plan_stages(step, count, schedule.stages, cfg.seed, micro)
-    generator = step_generator(cfg.seed, step, device)
+    """One optimizer step; batch is this data rank's share of the global batch. Returns (per-sample loss
+    share, stage per sample, grad norm)."""
+    device = world.device
+    local = batch.images.shape[0]
+    micro = cfg.train.micro_batch or local
+    first_id = world.dp_rank * local
+    stages = plan_stages(step, cfg.train.global_batch, schedule.stages, cfg.seed)[first_id : first_id + local]
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
-    labels = torch.where(labels < 0, torch.full_like(labels, model.null_class), labels)
+    null_class = cfg.model.num_classes
+    labels = torch.where(labels < 0, torch.full_like(labels, null_class), labels)
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     losses, stage_ids = [], []
-    optimizer.zero_grad(set_to_none=True)
-    for first in range(0, count, micro):
+    for first in range(0, local, micro):
         part = slice(first, first + micro)
+        ids = range(first_id + first, first_id + first + micro)
         pairs = build_training_batch(
             images[part],
             labels[part],
             stages[part],
             schedule,
             cfg.model.patch_size,
-            generator,
+            cfg.seed,
+            step,
+            ids,
             cfg.model.class_dropout,
-            model.null_class,
+            null_class,
         )
+        tokens, targets, token_range, pieces = pairs.tokens, pairs.targets, None, None
+        if world.sp > 1:
+            token_range = sp_slice(pairs.layout.num_tokens, world.sp_rank, world.sp)
+            tokens, targets = slice_rows(tokens, *token_range), slice_rows(targets, *token_range)
+            pieces = stream_pieces(pairs.layout, *token_range)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            prediction = model(
-                pairs.tokens, pairs.layout, pairs.timesteps, pairs.labels if cfg.model.num_classes > 0 else None
+            prediction = engine.model(
+                tokens,
+                pairs.layout,
+                pairs.timesteps,
+                pairs.labels if cfg.model.num_classes > 0 else None,
+                token_range=token_range,
             )
-        per_sample = per_sequence_mse(prediction, pairs.targets, pairs.layout)
-        (per_sample.sum() / count).backward()
+        per_sample = per_sequence_mse(prediction, targets, pairs.layout, pieces)
+        # FSDP averages gradients over dp_shard x sp ranks; an SP group's shares must add up, hence x sp
+        engine.backward(per_sample.sum() * world.sp / local)
         losses.append(per_sample.detach())
         stage_ids.append(pairs.stages)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    optimizer.step()
-    return torch.cat(losses), torch.cat(stage_ids), grad_norm
+    return torch.cat(losses), torch.cat(stage_ids), engine.step()
 
 
-def prepare_run_dir(cfg: Config) -> Path:
+def prepare_run_dir(cfg: Config, world: World) -> Path:
     run_dir = Path(cfg.run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if world.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return run_dir
+
+
+def gather(world: World, value):
+    """Every rank's value, in rank order (collective)."""
+    if not world.distributed:
+        return [value]
+    out = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def train(cfg: Config) -> Path:
     """Train (or resume) the run described by cfg; returns the run directory."""
-    device = resolve_device(cfg.train.device)
-    run_dir = prepare_run_dir(cfg)
-    torch.manual_seed(cfg.seed)
-    model = PixelFlowTransformer(cfg.model).to(device)
-    optimizer, lr_schedule = build_optimizer(model, cfg.train, fused=device.type == "cuda")
-    ema = EMA(model, cfg.train.ema_decay)
+    world = init_world(cfg, cfg.train.device)
+    run_dir = prepare_run_dir(cfg, world)
+    if world.distributed:
+        dist.barrier()  # the run directory exists before any rank writes into it
+    engine = build_engine(cfg, world)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     resumed = checkpointer.load_latest()
     step = 0
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        ema.load_state_dict(resumed["ema"])
-        if "optimizer" in resumed:
-            optimizer.load_state_dict(resumed["optimizer"])
-            lr_schedule.load_state_dict(resumed["lr_scheduler"])
+        if engine.restore(resumed, checkpointer.directory):
             step = resumed["step"]
             log.info("resumed %s at step %d", run_dir, step)
         else:  # weights only, e.g. converted from the reference: fine-tune from them
-            log.info("starting from the weights in %s (no optimizer state)", run_dir / "checkpoints")
-            resumed = None
+            log.info("starting from the weights in %s (no optimizer state)", checkpointer.directory)
     data = DataStream(
         cfg.data.path,
-        cfg.train.global_batch,
+        cfg.train.global_batch // world.dp_size,
         cfg.data.resolution,
         cfg.seed,
         cfg.data.num_workers,
         cfg.data.shuffle_block,
-        state=resumed["data"] if resumed else None,
+        rank=world.dp_rank,
+        world_size=world.dp_size,
+        state=resumed["data"] if step else None,
         storage_options=storage_options(cfg.data.path, cfg.data.endpoint_url),
-        pin_memory=device.type == "cuda",
+        pin_memory=world.device.type == "cuda",
         lanes=cfg.data.lanes,
         retries=cfg.data.retries,
         retry_wait=cfg.data.retry_wait,
     )
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
-    parallelize(model, cfg, device)
-    metrics = MetricsLogger(run_dir, cfg.wandb, {"config": to_yaml(cfg)}, step, cfg.train.steps)
-    window = LossWindow(cfg.cascade.stages, device)
-    model.train()
+    metrics = (
+        MetricsLogger(run_dir, cfg.wandb, {"config": to_yaml(cfg)}, step, cfg.train.steps) if world.is_main else None
+    )
+    window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
+    engine.model.train()
     while step < cfg.train.steps:
         batch = next(data)
         step += 1
-        per_sample, stages, grad_norm = train_step(model, optimizer, batch, step, cfg, schedule, device)
-        lr = lr_schedule.get_last_lr()[0]  # the rate this step used
-        lr_schedule.step()
-        ema.update(model)
+        per_sample, stages, grad_norm = train_step(engine, batch, step, cfg, schedule, world)
         window.add(per_sample, stages, grad_norm)
-        metrics.advance()
+        if metrics:
+            metrics.advance()
         if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics.log(window.summary(step, lr))
+            record = window.summary(step, engine.last_lr)
+            if metrics:
+                metrics.log(record)
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-            checkpointer.save(
-                step,
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_schedule.state_dict(),
-                    "data": data.state_dict(),
-                    "config": to_yaml(cfg),
-                },
-            )
-    metrics.close()
+            state = engine.full_state(step, checkpointer.directory)
+            data_state = merge_states(gather(world, data.state_dict()))
+            if world.is_main:
+                checkpointer.save(step, {**state, "data": data_state, "config": to_yaml(cfg)})
+            if world.distributed:
+                dist.barrier()
+    if metrics:
+        metrics.close()
+    shutdown(world)
     return run_dir

@@ -1,0 +1,123 @@
+"""DeepSpeed ZeRO-3 behind the trainer's engine interface.
+
+Config-driven: micro-batch, accumulation and clipping come from our config; a torch AdamW is passed in,
+so no fused optimizer op is JIT-built; bf16 on CUDA. The EMA is kept over each rank's ZeRO-3 partition of
+every parameter (no gather per step). Checkpoints hold full model and EMA weights (loadable into a plain
+model) plus DeepSpeed's own sharded optimizer state in `step_N.deepspeed/`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pixelflow.config import Config
+from pixelflow.model.attention import set_attention_backend
+from pixelflow.parallel.world import World
+from pixelflow.train.engine import initial_model
+from pixelflow.train.optim import build_optimizer
+
+TAG = "zero"
+
+
+class PartitionEMA:
+    """EMA of each rank's ZeRO-3 partitions, in float32."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.named = list(module.named_parameters())
+        self.params = [p.ds_tensor.detach().float().clone() for _, p in self.named]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.params, [p.ds_tensor.detach().float() for _, p in self.named], 1.0 - self.decay)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter's partitions gathered and trimmed to its shape (collective)."""
+        out = {}
+        for (name, param), mine in zip(self.named, self.params):
+            parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, mine)
+            out[name] = torch.cat(parts)[: param.ds_numel].view(param.ds_shape).cpu()
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        rank = dist.get_rank()
+        for (name, _), mine in zip(self.named, self.params):
+            flat = state[name].reshape(-1).float()
+            size = mine.numel()
+            padded = torch.nn.functional.pad(flat, (0, size * dist.get_world_size() - flat.numel()))
+            mine.copy_(padded[rank * size : (rank + 1) * size].to(mine.device))
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: Config, world: World):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if world.device.type == "cuda" else "cpu")
+        import deepspeed
+
+        model = initial_model(cfg)
+        set_attention_backend(model, cfg.model.attention, world.device.type)
+        optimizer, lr_schedule = build_optimizer(model, cfg.train)
+        local = cfg.train.global_batch // world.dp_size
+        micro = cfg.train.micro_batch or local
+        self.accumulation = local // micro
+        config = {
+            "train_batch_size": cfg.train.global_batch,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": self.accumulation,
+            "gradient_clipping": cfg.train.grad_clip,
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": world.device.type == "cuda"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, self.lr_schedule = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=lr_schedule, config=config, dist_init_required=False
+        )
+        self.model = self.engine
+        self.ema = PartitionEMA(self.engine.module, cfg.train.ema_decay)
+        self.last_lr = self._next_lr = self.lr_schedule.get_last_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed divides each micro-batch's loss by the accumulation steps; ours is already a share of
+        the step's mean, so it is scaled back first. DeepSpeed steps at the accumulation boundary."""
+        self.engine.backward(loss * self.accumulation)
+        self.engine.step()
+
+    def step(self) -> torch.Tensor:
+        """DeepSpeed already stepped (and advanced the schedule) at the last micro-batch; record and EMA."""
+        self.last_lr, self._next_lr = self._next_lr, self.lr_schedule.get_last_lr()[0]
+        norm = self.engine.get_global_grad_norm()
+        self.ema.update()
+        return torch.as_tensor(float(norm) if norm is not None else 0.0)
+
+    def full_state(self, step: int, directory) -> dict[str, Any]:
+        import deepspeed
+
+        self.engine.save_checkpoint(str(Path(directory) / f"step_{step:08d}.deepspeed"), tag=TAG)
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            model = {name: tensor.detach().float().cpu().clone() for name, tensor in module.state_dict().items()}
+        return {"model": model, "ema": self.ema.full_state_dict(), "deepspeed": TAG}
+
+    def restore(self, state: dict[str, Any], directory) -> bool:
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            if dist.get_rank() == 0:
+                module.load_state_dict(state["model"])
+        self.ema.load_full_state_dict(state["ema"])
+        if "deepspeed" not in state:
+            return False
+        self.engine.load_checkpoint(
+            str(Path(directory) / f"step_{state['step']:08d}.deepspeed"), tag=state["deepspeed"]
+        )
+        self._next_lr = self.lr_schedule.get_last_lr()[0]
+        return True

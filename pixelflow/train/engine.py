@@ -1,0 +1,106 @@
+"""Training engines: what owns the model, optimizer, LR schedule and EMA, behind one small interface.
+
+The trainer calls `model(...)` for forward passes, `backward(loss)` once per micro-batch, `step()` once per
+optimizer step, and `full_state()` / `restore(state)` for checkpoints. `FsdpEngine` is the plain model on
+one process and FSDP2/HSDP across several; `pixelflow.train.deepspeed_engine.DeepSpeedEngine` drives
+DeepSpeed ZeRO-3. Both save full (unsharded) model and EMA weights, so any checkpoint loads into a plain
+model for sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from pixelflow.config import Config
+from pixelflow.model import PixelFlowTransformer
+from pixelflow.parallel import parallelize
+from pixelflow.parallel.world import World
+from pixelflow.train.ema import EMA
+from pixelflow.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    model: torch.nn.Module
+    last_lr: float
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> torch.Tensor: ...
+
+    def full_state(self, step: int, directory) -> dict[str, Any]: ...
+
+    def restore(self, state: dict[str, Any], directory) -> bool: ...
+
+
+def initial_model(cfg: Config) -> PixelFlowTransformer:
+    """The seeded initial weights, built on the CPU: identical for every engine and world layout."""
+    torch.manual_seed(cfg.seed)
+    return PixelFlowTransformer(cfg.model)
+
+
+class FsdpEngine:
+    def __init__(self, cfg: Config, world: World):
+        self.world, self.grad_clip = world, cfg.train.grad_clip
+        self.model = parallelize(initial_model(cfg).to(world.device), cfg, world.device, world)
+        fused = world.device.type == "cuda" and not world.distributed
+        self.optimizer, self.lr_schedule = build_optimizer(self.model, cfg.train, fused=fused)
+        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.last_lr = self.lr_schedule.get_last_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> torch.Tensor:
+        """Clip (over the sharded norm), step, advance the LR schedule and the EMA; returns the grad norm."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_lr = self.lr_schedule.get_last_lr()[0]
+        self.lr_schedule.step()
+        self.ema.update(self.model)
+        return norm
+
+    def full_state(self, step: int, directory) -> dict[str, Any]:
+        """Full model, EMA and optimizer state (collective; complete on rank 0)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {
+            "model": get_model_state_dict(self.model, options=options),
+            "ema": self.ema.full_state_dict(),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+            "lr_scheduler": self.lr_schedule.state_dict(),
+        }
+
+    def restore(self, state: dict[str, Any], directory) -> bool:
+        """Load weights (always) and optimizer state (when present); True when training state was restored."""
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=options)
+        self.ema.load_full_state_dict(state["ema"])
+        if "optimizer" not in state:
+            return False
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        self.lr_schedule.load_state_dict(state["lr_scheduler"])
+        self.last_lr = self.lr_schedule.get_last_lr()[0]
+        return True
+
+
+def build_engine(cfg: Config, world: World) -> Engine:
+    if cfg.engine == "deepspeed":
+        from pixelflow.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, world)
+    return FsdpEngine(cfg, world)

@@ -1,0 +1,121 @@
+"""Run by the distributed tests under torchrun (or alone, as the one-process reference). Writes JSON.
+
+harness.py train OUT key=value...   5 steps on fixed global batches; records the losses and grad norms
+harness.py attention OUT SP         Ulysses attention over a mixed-length packed stream vs one process
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+torch.set_num_threads(1)
+
+from pixelflow.cascade import CascadeSchedule  # noqa: E402
+from pixelflow.config import load_config  # noqa: E402
+from pixelflow.data.loader import Batch  # noqa: E402
+from pixelflow.parallel.world import init_world, shutdown  # noqa: E402
+from pixelflow.train.engine import build_engine  # noqa: E402
+from pixelflow.train.trainer import LossWindow, train_step  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "run_dir=unused",
+    "data.path=unused",
+    "data.resolution=32",
+    "model.depth=2",
+    "model.num_heads=4",
+    "model.head_dim=8",
+    "train.global_batch=8",
+    "train.lr=1e-3",
+    "train.warmup_steps=0",
+    "train.steps=5",
+]
+
+
+def global_batch(step: int, size: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    images = torch.randint(0, 256, (size, 3, resolution, resolution), dtype=torch.uint8, generator=generator)
+    return images, torch.randint(0, 16, (size,), generator=generator)
+
+
+def train(out: Path, overrides: list[str]) -> None:
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY + overrides)
+    world = init_world(cfg, "cpu")
+    engine = build_engine(cfg, world)
+    schedule = CascadeSchedule.build(cfg.cascade.stages)
+    local = cfg.train.global_batch // world.dp_size
+    losses, norms = [], []
+    for step in range(1, cfg.train.steps + 1):
+        images, labels = global_batch(step, cfg.train.global_batch, cfg.data.resolution)
+        share = slice(world.dp_rank * local, (world.dp_rank + 1) * local)
+        window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
+        window.add(*train_step(engine, Batch(images[share], labels[share], [], {}), step, cfg, schedule, world))
+        record = window.summary(step, engine.last_lr)
+        losses.append(record["loss"])
+        norms.append(record["grad_norm"])
+    if world.is_main:
+        out.write_text(json.dumps({"losses": losses, "grad_norms": norms}))
+    shutdown(world)
+
+
+def attention(out: Path, sp: int) -> None:
+    """Sequences of 64..4096 tokens (sides 8..64), unsorted; compares output and input grads."""
+    import torch.distributed as dist
+
+    from pixelflow.model import PackedLayout
+    from pixelflow.model.attention import SdpaRunsAttention, StreamContext
+    from pixelflow.model.embeddings import rope_table
+    from pixelflow.model.layout import stream_pieces
+    from pixelflow.parallel.ulysses import UlyssesAttention, sp_slice
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY + [f"parallel.sp={sp}", "parallel.dp_shard=1"])
+    world = init_world(cfg, "cpu")
+    layout = PackedLayout.from_sides([16, 64, 8, 32, 8, 16, 1])
+    heads, dim = 4, 8
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, upstream = (torch.randn(layout.num_tokens, heads, dim, generator=generator) for _ in range(4))
+    upstream = upstream.reshape(layout.num_tokens, heads * dim)
+
+    def context(start, stop):
+        rope = {side: rope_table(side, dim) for side in set(layout.sides)}
+        return StreamContext(
+            layout, stream_pieces(layout, start, stop), layout.sequence_of_token(), layout.cu_seqlens(), rope
+        )
+
+    def pad(t, start, stop):
+        part = t[start:stop]
+        return torch.cat([part, part.new_zeros(stop - start - part.shape[0], *part.shape[1:])])
+
+    start, stop = sp_slice(layout.num_tokens, world.sp_rank, world.sp)
+    local = [pad(t, start, stop).requires_grad_(True) for t in (q, k, v)]
+    out_local = UlyssesAttention(SdpaRunsAttention(), world.sp_group, world.sp)(*local, context(start, stop))
+    (out_local * pad(upstream, start, stop)).sum().backward()
+    pieces = [out_local.detach()] + [t.grad for t in local]
+    gathered = []
+    for piece in pieces:
+        parts = [torch.empty_like(piece) for _ in range(world.sp)]
+        dist.all_gather(parts, piece)
+        gathered.append(torch.cat(parts)[: layout.num_tokens])
+    if world.is_main:
+        full = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        reference = SdpaRunsAttention()(*full, context(0, layout.num_tokens))
+        (reference * upstream).sum().backward()
+        expected = [reference.detach()] + [t.grad for t in full]
+        diffs = [(a.reshape(b.shape) - b).abs().max().item() for a, b in zip(gathered, expected)]
+        out.write_text(json.dumps({"max_abs_diff": diffs, "tokens": layout.num_tokens}))
+    shutdown(world)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mode, target = sys.argv[1], Path(sys.argv[2])
+    if mode == "train":
+        train(target, sys.argv[3:])
+    else:
+        attention(target, int(sys.argv[3]))

@@ -1,0 +1,151 @@
+"""Distributed training on CPU with real processes (torchrun, gloo): every layout trains like one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixelflow.generate import generate, load_for_sampling
+from tests.conftest import REPO
+from tests.s3 import free_port
+
+pytestmark = pytest.mark.slow
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "DS_ACCELERATOR": "cpu",
+    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+}
+
+
+def run(command: list[str], procs: int) -> subprocess.CompletedProcess:
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(procs),
+            "--master_port",
+            str(free_port()),
+        ]
+        if procs > 1
+        else [sys.executable]
+    )
+    done = subprocess.run(launcher + command, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def harness(tmp_path: Path, procs: int, *args: str) -> dict:
+    out = tmp_path / f"result-{procs}-{abs(hash(args))}.json"
+    run([str(REPO / "tests" / "distributed_harness.py"), args[0], str(out), *args[1:]], procs)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    return harness(tmp_path_factory.mktemp("reference"), 1, "train")
+
+
+def assert_close(got: list[float], want: list[float], relative: float) -> None:
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want):
+        assert abs(a - b) <= relative * abs(b), (got, want)
+
+
+@pytest.mark.parametrize(
+    "procs, layout",
+    [
+        (2, ["parallel.dp_shard=2"]),
+        (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+        (4, ["parallel.dp_shard=2", "parallel.sp=2"]),
+    ],
+    ids=["fsdp2", "hsdp-2x2", "fsdp2-x-sp2"],
+)
+def test_fsdp_layouts_train_like_one_process(tmp_path, one_process, procs, layout):
+    result = harness(tmp_path, procs, "train", *layout)
+    assert_close(result["losses"], one_process["losses"], 1e-5)
+    assert_close(result["grad_norms"], one_process["grad_norms"], 1e-5)
+
+
+def test_deepspeed_zero3_trains_like_one_process(tmp_path, one_process):
+    result = harness(tmp_path, 2, "train", "engine=deepspeed")
+    assert_close(result["losses"], one_process["losses"], 1e-4)
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_ulysses_attention_equals_one_process_on_mixed_lengths(tmp_path, sp):
+    result = harness(tmp_path, sp, "attention", str(sp))
+    assert result["tokens"] == 5761  # sequences of 1 to 4096 tokens, not a multiple of sp: padded slices
+    assert max(result["max_abs_diff"]) <= 1e-5  # output, dq, dk, dv
+
+
+def train_command(run_dir: Path, data: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "pixelflow",
+        "train",
+        "configs/demo.yaml",
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        "data.resolution=32",
+        "data.num_workers=0",
+        "data.shuffle_block=16",
+        "model.depth=2",
+        "model.num_heads=2",
+        "model.head_dim=16",
+        "train.global_batch=8",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "checkpoint.every=2",
+        "checkpoint.keep=5",
+        *extra,
+    ]
+
+
+def files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_cli_writes_what_one_process_writes_and_resumes_exactly(tmp_path, shapes_dataset):
+    single, double, resumed = tmp_path / "single", tmp_path / "double", tmp_path / "resumed"
+    run(train_command(single, shapes_dataset, 4), 1)
+    run(train_command(double, shapes_dataset, 4, "parallel.dp_shard=2"), 2)
+    assert (
+        files(double)
+        == files(single)
+        == [
+            "checkpoints/step_00000002.pt",
+            "checkpoints/step_00000004.pt",
+            "config.yaml",
+            "metrics.jsonl",
+        ]
+    )
+    run(train_command(resumed, shapes_dataset, 2, "parallel.dp_shard=2"), 2)
+    run(train_command(resumed, shapes_dataset, 4, "parallel.dp_shard=2"), 2)
+    assert losses(resumed) == losses(double)
+    model, cfg = load_for_sampling(double)  # a sharded run's checkpoint is a plain model's
+    images = generate(model, cfg, [1, 2], 2, seed=0, steps_per_stage=2, cfg_scale=2.0)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+
+
+def test_deepspeed_checkpoints_resume_exactly_and_sample(tmp_path, shapes_dataset):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(train_command(whole, shapes_dataset, 4, "engine=deepspeed"), 2)
+    run(train_command(split, shapes_dataset, 2, "engine=deepspeed"), 2)
+    run(train_command(split, shapes_dataset, 4, "engine=deepspeed"), 2)
+    assert losses(split) == pytest.approx(losses(whole), rel=1e-6)
+    assert (split / "checkpoints" / "step_00000004.deepspeed").is_dir()
+    model, cfg = load_for_sampling(split)
+    assert generate(model, cfg, [0], 1, seed=0, steps_per_stage=2, cfg_scale=1.5).shape == (1, 3, 32, 32)
