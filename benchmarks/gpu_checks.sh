@@ -15,7 +15,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
 part() { echo "=== $1"; shift; timeout "$@" || echo "{\"part_failed\": \"$*\", \"rc\": $?}"; }
-single() { python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29577 "$@"; }
+SINGLE="python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29577"  # a world of one: FSDP2 / ZeRO-3
 
 part "attention kernels and model on CUDA" 90 python3 -m pytest -q -x tests/test_attention.py tests/test_model.py
 part "FSDP2 training, checkpoint and sampling on CUDA" 75 bash -c '
@@ -27,10 +27,7 @@ part "FSDP2 training, checkpoint and sampling on CUDA" 75 bash -c '
 part "train step, compiled, micro 16" 150 python3 benchmarks/train_step.py --batches 16 64 --micro 16 --compile \
     --steps 8 --peak-tflops 790
 part "sampling, XL/4 256px" 60 python3 benchmarks/sample.py --batch 8 --steps 4 --cfg 2.4
-part "sampling, cudnn_runs" 45 python3 benchmarks/sample.py --batch 8 --steps 4 --cfg 2.4 model.attention=cudnn_runs
-part "train step, FSDP2 world size 1, compiled" 100 single benchmarks/train_step.py --batches 16 --micro 16 --compile \
+part "train step, FSDP2 world size 1, compiled" 100 $SINGLE benchmarks/train_step.py --batches 16 --micro 16 --compile \
     --steps 8 --peak-tflops 790
-part "train step, DeepSpeed ZeRO-3 world size 1" 90 single benchmarks/train_step.py --engine deepspeed --batches 16 \
+part "train step, DeepSpeed ZeRO-3 world size 1" 90 $SINGLE benchmarks/train_step.py --engine deepspeed --batches 16 \
     --steps 6 --peak-tflops 790
-part "train step, compiled, cudnn_runs" 100 python3 benchmarks/train_step.py --batches 16 --micro 16 --compile \
-    --attention cudnn_runs --steps 8 --peak-tflops 790

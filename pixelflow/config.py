@@ -30,7 +30,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     attention_bias: bool = True
     text_dim: int | None = None  # width of text-encoder tokens for cross-attention (text-to-image); None = off
-    attention: str = "auto"  # auto | sdpa_runs | cudnn_runs | sdpa_dense | varlen | flex | flash (model/attention.py)
+    attention: str = "auto"  # auto | sdpa_runs | sdpa_dense | varlen | flex | flash (see model/attention.py)
 
 
 @dataclass
@@ -189,9 +189,9 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (m.mlp_ratio > 0, "model.mlp_ratio", f"= {m.mlp_ratio} must be positive"),
         (m.text_dim is None or m.text_dim > 0, "model.text_dim", f"= {m.text_dim} must be positive or null"),
         (
-            m.attention in ("auto", "sdpa_runs", "cudnn_runs", "sdpa_dense", "varlen", "flex", "flash"),
+            m.attention in ("auto", "sdpa_runs", "sdpa_dense", "varlen", "flex", "flash"),
             "model.attention",
-            f"= '{m.attention}' must be auto, sdpa_runs, cudnn_runs, sdpa_dense, varlen, flex or flash",
+            f"= '{m.attention}' must be auto, sdpa_runs, sdpa_dense, varlen, flex or flash",
         ),
         (c.gamma < 0, "cascade.gamma", f"= {c.gamma} must be negative (block-noise correlation)"),
         (c.num_train_timesteps >= c.stages, "cascade.num_train_timesteps", "must be at least cascade.stages"),

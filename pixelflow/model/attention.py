@@ -5,8 +5,7 @@ reference does). The attention itself is the `core` submodule of `SelfAttention`
 (`set_attention_backend`), so parallelism or a faster kernel replaces it from outside the model:
 
 - `sdpa_runs`: one SDPA call per run of equal-length sequences, torch choosing the kernel. Exact, fast on
-  CPU and GPU; the default.
-- `cudnn_runs`: the same with cuDNN attention forced and contiguous inputs (CUDA).
+  CPU and GPU; the default (forcing cuDNN measured no faster on an H200, see benchmarks/RESULTS.md).
 - `sdpa_dense`: SDPA over the whole stream with a block-diagonal mask. Exact on any device but O(N^2)
   memory: the reference the others are tested against.
 - `varlen`: torch.nn.attention.varlen.varlen_attn (CUDA).
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pixelflow.model.embeddings import apply_rope
 from pixelflow.model.layout import PackedLayout, Piece, Run
@@ -82,19 +80,8 @@ class SdpaRunsAttention(nn.Module):
         for run in ctx.layout.runs:
             table = ctx.rope[run.side]
             q_run, k_run = apply_rope(run_view(q, run), table), apply_rope(run_view(k, run), table)
-            outputs.append(from_run_view(self.kernel(q_run, k_run, run_view(v, run))))
+            outputs.append(from_run_view(F.scaled_dot_product_attention(q_run, k_run, run_view(v, run))))
         return cat_runs(outputs)
-
-    def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)  # torch picks the kernel
-
-
-class CudnnRunsAttention(SdpaRunsAttention):
-    """sdpa_runs with cuDNN attention forced on contiguous (count, heads, seqlen, head_dim) inputs."""
-
-    def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
 
 
 class TokenRopeAttention(nn.Module):
@@ -174,7 +161,6 @@ def compiled_flex_attention():
 
 BACKENDS = {
     "sdpa_runs": SdpaRunsAttention,
-    "cudnn_runs": CudnnRunsAttention,
     "sdpa_dense": SdpaDenseAttention,
     "varlen": VarlenAttention,
     "flex": FlexAttention,
@@ -186,8 +172,6 @@ def available_backends(device_type: str) -> list[str]:
     """Backends that can run (forward and backward) on a device type here."""
     names = ["sdpa_runs", "sdpa_dense"]
     if device_type == "cuda":
-        if torch.backends.cudnn.is_available():
-            names.append("cudnn_runs")
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
             names.append("varlen")
         names.append("flex")

@@ -59,7 +59,12 @@ def parallelize(
 
         # inputs keep their dtype (timesteps stay float32); the trainer's autocast casts matmul inputs
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        options = {"mesh": world.fsdp_mesh, "mp_policy": policy if device.type == "cuda" else MixedPrecisionPolicy()}
+        options = {
+            "mesh": world.fsdp_mesh,
+            "mp_policy": policy if device.type == "cuda" else MixedPrecisionPolicy(),
+            # sharded over one rank, resharding after forward frees nothing and costs a second unshard
+            "reshard_after_forward": world.dp_shard * world.sp > 1,
+        }
         for block in model.blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)

@@ -55,6 +55,18 @@ class PartitionEMA:
             mine.copy_(padded[rank * size : (rank + 1) * size].to(mine.device))
 
 
+class InputsAs(torch.nn.Module):
+    """DeepSpeed's bf16 mode runs its forward outside autocast: tokens must arrive in the parameters' dtype
+    (timesteps and sizes stay float32; the model casts its sinusoidal features itself)."""
+
+    def __init__(self, engine: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.engine, self.dtype = engine, dtype
+
+    def forward(self, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.engine(tokens.to(self.dtype), *args, **kwargs)
+
+
 class DeepSpeedEngine:
     def __init__(self, cfg: Config, world: World):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if world.device.type == "cuda" else "cpu")
@@ -71,7 +83,7 @@ class DeepSpeedEngine:
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": self.accumulation,
             "gradient_clipping": cfg.train.grad_clip,
-            "zero_optimization": {"stage": 3},
+            "zero_optimization": {"stage": 3, "memory_efficient_linear": False},  # plain F.linear: autocast works
             "bf16": {"enabled": world.device.type == "cuda"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
@@ -80,7 +92,7 @@ class DeepSpeedEngine:
         self.engine, _, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_schedule, config=config, dist_init_required=False
         )
-        self.model = self.engine
+        self.model = InputsAs(self.engine, torch.bfloat16) if world.device.type == "cuda" else self.engine
         self.ema = PartitionEMA(self.engine.module, cfg.train.ema_decay)
         self.last_lr = self._next_lr = self.lr_schedule.get_last_lr()[0]
 
