@@ -10,6 +10,8 @@ from pathlib import Path
 
 from data_tools.ingest import KINDS, IngestError, Options, ingest
 from data_tools.synthetic import write_synthetic_dataset
+from pixelflow.cli import run_command
+from pixelflow.data.shard_format import ShardFormatError
 from pixelflow.data.storage import storage_options
 
 
@@ -80,13 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except IngestError as exc:
-        print(f"pixelflow-data: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(build_parser(), argv, (IngestError, ShardFormatError))
 
 
 if __name__ == "__main__":

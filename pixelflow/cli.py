@@ -100,15 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, user_errors: tuple[type, ...]) -> int:
+    """Run the chosen subcommand; a user error is one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as exc:
-        print(f"pixelflow: error: {exc}", file=sys.stderr)
+    except user_errors as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

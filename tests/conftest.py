@@ -44,25 +44,26 @@ def shapes_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_config(run_dir: Path, data: Path, *overrides: str) -> Config:
+def tiny_overrides(run_dir: Path, data: Path, *overrides: str) -> list[str]:
     """configs/demo.yaml shrunk to a 2-block, 32-pixel model that steps in milliseconds."""
-    return load_config(
-        REPO / "configs" / "demo.yaml",
-        [
-            f"run_dir={run_dir}",
-            f"data.path={data}",
-            "data.resolution=32",
-            "data.num_workers=0",
-            "data.shuffle_block=16",
-            "model.depth=2",
-            "model.num_heads=2",
-            "model.head_dim=16",
-            "train.global_batch=8",
-            "train.steps=6",
-            "train.log_every=1",
-            "train.warmup_steps=2",
-            "checkpoint.every=3",
-            "checkpoint.keep=5",
-            *overrides,
-        ],
-    )
+    return [
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        "data.resolution=32",
+        "data.num_workers=0",
+        "data.shuffle_block=16",
+        "model.depth=2",
+        "model.num_heads=2",
+        "model.head_dim=16",
+        "train.global_batch=8",
+        "train.steps=6",
+        "train.log_every=1",
+        "train.warmup_steps=2",
+        "checkpoint.every=3",
+        "checkpoint.keep=5",
+        *overrides,
+    ]
+
+
+def tiny_config(run_dir: Path, data: Path, *overrides: str) -> Config:
+    return load_config(REPO / "configs" / "demo.yaml", tiny_overrides(run_dir, data, *overrides))

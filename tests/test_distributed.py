@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pixelflow.generate import generate, load_for_sampling
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_overrides
 from tests.s3 import free_port
 
 pytestmark = pytest.mark.slow
@@ -88,26 +88,8 @@ def test_ulysses_attention_equals_one_process_on_mixed_lengths(tmp_path, sp):
 
 
 def train_command(run_dir: Path, data: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        "-m",
-        "pixelflow",
-        "train",
-        "configs/demo.yaml",
-        f"run_dir={run_dir}",
-        f"data.path={data}",
-        "data.resolution=32",
-        "data.num_workers=0",
-        "data.shuffle_block=16",
-        "model.depth=2",
-        "model.num_heads=2",
-        "model.head_dim=16",
-        "train.global_batch=8",
-        f"train.steps={steps}",
-        "train.log_every=1",
-        "checkpoint.every=2",
-        "checkpoint.keep=5",
-        *extra,
-    ]
+    overrides = tiny_overrides(run_dir, data, f"train.steps={steps}", "checkpoint.every=2", *extra)
+    return ["-m", "pixelflow", "train", "configs/demo.yaml", *overrides]
 
 
 def files(run_dir: Path) -> list[str]:
