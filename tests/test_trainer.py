@@ -113,3 +113,14 @@ def test_sample_command_writes_a_grid_from_a_checkpoint(tmp_path, shapes_dataset
         command[:5] + [str(tmp_path / "nothing"), "--out", str(out)], capture_output=True, text=True, cwd=REPO
     )
     assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])  # online without an API key falls back to offline
+def test_wandb_run_is_written_into_the_run_directory(tmp_path, shapes_dataset, monkeypatch, mode):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials either
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=2", f"wandb.mode={mode}"))
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert (run_dir / "wandb_id.txt").read_text().strip() in offline_runs[0].name

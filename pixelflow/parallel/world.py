@@ -120,5 +120,7 @@ def init_world(cfg: Config, device_name: str = "auto") -> World:
 
 
 def shutdown(world: World) -> None:
+    """Leave the process group together: no rank tears its connections down while another still talks."""
     if world.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
