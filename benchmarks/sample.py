@@ -22,7 +22,7 @@ from pixelflow.config import load_config  # noqa: E402
 from pixelflow.generate import generate, load_for_sampling  # noqa: E402
 from pixelflow.model import PixelFlowTransformer  # noqa: E402
 from pixelflow.model.attention import set_attention_backend  # noqa: E402
-from pixelflow.train.trainer import resolve_device  # noqa: E402
+from pixelflow.parallel.world import resolve_device  # noqa: E402
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ def _sample(args: argparse.Namespace) -> None:
     import torch
 
     from pixelflow.generate import generate, load_for_sampling, save_grid
-    from pixelflow.train.trainer import resolve_device
+    from pixelflow.parallel.world import resolve_device
 
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

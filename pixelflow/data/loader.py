@@ -56,7 +56,6 @@ class ReadSettings:
 
 @dataclass(frozen=True)
 class Sample:
-    lane: int
     position: int  # index in the lane's endless sequence
     key: str
     label: int  # -1 when the sample has none
@@ -165,7 +164,7 @@ class LaneReader:
         except (DecodeError, KeyError) as exc:
             log.warning("skipping sample %s (lane %d): cannot decode image: %s", entry.key, self.lane, exc)
             image = None
-        return Sample(self.lane, position, entry.key, label, image)
+        return Sample(position, entry.key, label, image)
 
 
 @dataclass

@@ -86,13 +86,20 @@ def layout_for(cfg: Config, size: int) -> tuple[int, int, int]:
     return replicate, shard, sp
 
 
+def resolve_device(name: str, index: int = 0) -> torch.device:
+    """auto | cpu | cuda -> a device (CUDA device `index` for cuda)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for but no CUDA device is visible")
+    return torch.device("cuda", index) if name == "cuda" else torch.device(name)
+
+
 def init_world(cfg: Config, device_name: str = "auto") -> World:
     """Join the process group (when launched as several processes) and build the device mesh."""
     rank, size, local_rank = _environment()
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = resolve_device(device_name, local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     replicate, shard, sp = layout_for(cfg, size)

@@ -27,14 +27,6 @@ from pixelflow.train.metrics import MetricsLogger
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    return torch.device(name)
-
-
 class LossWindow:
     """Per-stage loss sums since the last log, kept on the device (no host sync per step); summed over
     ranks at log time."""
