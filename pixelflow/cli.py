@@ -14,13 +14,29 @@ from pixelflow.train.checkpoint import CheckpointError
 USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, ConversionError)
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from pixelflow.train.trainer import train
 
     overrides = list(args.overrides) + ([f"data.endpoint_url={args.endpoint_url}"] if args.endpoint_url else [])
     cfg = load_config(args.config, overrides)
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}")
+    result = train(cfg)
+    state = "stopped by a signal (exit 75: resume with the same command)" if result.stopped else "finished"
+    print(f"run directory: {result.run_dir} ({state} at step {result.step})")
+    return result.exit_status
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pixelflow.train.checkpoint import export
+
+    print(f"wrote {export(Path(args.source), Path(args.destination), args.weights)}")
+
+
+def _convert_checkpoint(args: argparse.Namespace) -> None:
+    from pixelflow.train.legacy import convert_legacy
+
+    print(f"wrote {convert_legacy(args.file)}")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -73,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample an image grid from a checkpoint",
         description="Generate images with the cascade Euler sampler and write a PNG grid.",
     )
-    sample.add_argument("--checkpoint", required=True, help="checkpoint file, checkpoints directory or run directory")
+    sample.add_argument(
+        "--checkpoint", required=True, help="run directory, step_NNNNNNNN folder, export, or older .pt file"
+    )
     sample.add_argument("--out", required=True, help="PNG file to write")
     sample.add_argument("--classes", type=int, nargs="+", help="class ids (default: the first 8)")
     sample.add_argument("--per-class", type=int, default=1, help="images per class (default 1)")
@@ -92,11 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
         "convert-official",
         help="convert a reference PixelFlow checkpoint (model.pt + config.yaml) to ours",
         description="Convert a checkpoint of github.com/ShoufaChen/PixelFlow (the model.pt + config.yaml its "
-        "sample_ddp.py loads) into DESTINATION/checkpoints/ and DESTINATION/config.yaml.",
+        "sample_ddp.py loads) into DESTINATION/model.safetensors and DESTINATION/config.yaml.",
     )
     convert.add_argument("source", help="directory with model.pt and config.yaml, or the model.pt file")
-    convert.add_argument("destination", help="directory to write (usable as --checkpoint or as a run_dir)")
+    convert.add_argument("destination", help="directory to write (an export: --checkpoint or resume=DESTINATION)")
     convert.set_defaults(func=_convert)
+
+    export = commands.add_parser(
+        "export",
+        help="write consolidated weights (safetensors) + config from a run or checkpoint",
+        description="Write OUT/model.safetensors and OUT/config.yaml from a run directory (its newest committed "
+        "checkpoint), a step_NNNNNNNN folder or an older .pt file. The export samples and fine-tunes "
+        "(resume=OUT).",
+    )
+    export.add_argument("source", help="run directory, step_NNNNNNNN folder or older .pt file")
+    export.add_argument("destination", help="directory to write")
+    export.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default ema)")
+    export.set_defaults(func=_export)
+
+    legacy = commands.add_parser(
+        "convert-checkpoint",
+        help="turn an older single-file checkpoint (step_N.pt) into a step folder beside it",
+        description="Convert checkpoints/step_NNNNNNNN.pt (written by earlier versions) into "
+        "checkpoints/step_NNNNNNNN/, so the run resumes from it exactly.",
+    )
+    legacy.add_argument("file", help="the step_NNNNNNNN.pt file")
+    legacy.set_defaults(func=_convert_checkpoint)
     return parser
 
 
@@ -105,11 +144,10 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, user_er
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except user_errors as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

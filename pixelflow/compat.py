@@ -1,7 +1,7 @@
 """Compatibility with the public reference implementation (github.com/ShoufaChen/PixelFlow).
 
 - `convert_official(src, dst)`: the reference's `model.pt` + `config.yaml` (what its sample_ddp.py loads)
-  -> a checkpoint and config of ours. Every key is accounted for before anything is written.
+  -> an export of ours (model.safetensors + config.yaml). Every key is accounted for before anything is written.
 - `OfficialAdapter`: our model behind the reference `PixelFlowModel.forward` signature (eval mode), so code
   written against the reference runs unchanged.
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pixelflow.config import CascadeConfig, Config, DataConfig, ModelConfig, TrainConfig, to_yaml
+from pixelflow.config import CascadeConfig, Config, DataConfig, ModelConfig, TrainConfig
 from pixelflow.generate import load_for_sampling
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.embeddings import rope_table
-from pixelflow.train.checkpoint import Checkpointer
+from pixelflow.train.checkpoint import write_export
 
 
 class ConversionError(ValueError):
@@ -126,8 +126,8 @@ def convert_state_dict(reference: dict[str, torch.Tensor], cfg: Config, source: 
 
 
 def convert_official(source: str | Path, destination: str | Path) -> Path:
-    """Convert a reference checkpoint directory (model.pt + config.yaml) or model.pt file; returns the
-    checkpoint written under destination/checkpoints/. Nothing is written unless everything converts."""
+    """Convert a reference checkpoint directory (model.pt + config.yaml) or model.pt file into an export
+    (model.safetensors + config.yaml) in destination. Nothing is written unless everything converts."""
     source = Path(source)
     weights = source / "model.pt" if source.is_dir() else source
     config_file = weights.parent / "config.yaml"
@@ -145,11 +145,7 @@ def convert_official(source: str | Path, destination: str | Path) -> Path:
     destination = Path(destination)
     cfg.run_dir = str(destination)
     model_state = convert_state_dict(state, cfg, str(weights))
-    written = Checkpointer(destination / "checkpoints", keep=1).save(
-        0, {"model": model_state, "ema": model_state, "config": to_yaml(cfg), "origin": str(weights)}
-    )
-    (destination / "config.yaml").write_text(to_yaml(cfg))
-    return written
+    return write_export(destination, model_state, cfg, str(weights))
 
 
 @dataclass

@@ -7,6 +7,7 @@ Every mistake a user can make in a config (unknown key, wrong type, impossible v
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,9 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
+    # signals that stop the run after the current step with a committed checkpoint (exit status 75)
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
+    log_sample_keys: bool = False  # write the keys each data rank trained on per step (sample_keys/)
 
 
 @dataclass
@@ -80,7 +84,9 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1000
-    keep: int = 3
+    keep: int = 3  # newest committed checkpoints kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0 = none
+    async_save: bool | None = None  # write in the background after staging to host memory; None = on CUDA
 
 
 @dataclass
@@ -103,6 +109,7 @@ class WandbConfig:
 class Config:
     run_dir: str = MISSING
     seed: int = 0
+    resume: str = "auto"  # auto (newest committed checkpoint of run_dir) | none | a checkpoint or export path
     engine: str = "fsdp"  # fsdp (FSDP2/HSDP when distributed, plain on one process) | deepspeed (ZeRO-3)
     model: ModelConfig = field(default_factory=ModelConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
@@ -238,6 +245,22 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         ),
         (cfg.checkpoint.every >= 1, "checkpoint.every", f"= {cfg.checkpoint.every} must be at least 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", f"= {cfg.checkpoint.keep} must be at least 1"),
+        (
+            cfg.checkpoint.keep_every >= 0,
+            "checkpoint.keep_every",
+            f"= {cfg.checkpoint.keep_every} must not be negative",
+        ),
+        (bool(cfg.resume), "resume", "must be auto, none or a checkpoint path"),
+        (
+            all(
+                name.startswith("SIG")
+                and isinstance(getattr(signal, name, None), signal.Signals)
+                and name not in ("SIGKILL", "SIGSTOP")
+                for name in t.stop_signals
+            ),
+            "train.stop_signals",
+            f"= {list(t.stop_signals)} must name catchable signals, e.g. [SIGTERM, SIGUSR2]",
+        ),
         (cfg.sample.steps_per_stage >= 1, "sample.steps_per_stage", "must be at least 1"),
         (cfg.sample.cfg >= 0, "sample.cfg", f"= {cfg.sample.cfg} must not be negative"),
         (

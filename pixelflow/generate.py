@@ -10,20 +10,20 @@ import torch
 from PIL import Image
 
 from pixelflow.cascade import CascadeSchedule, cfg_scales, default_cfg_ramp, sample, to_uint8
-from pixelflow.config import Config, from_yaml
+from pixelflow.config import Config
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.attention import set_attention_backend
-from pixelflow.train.checkpoint import load_checkpoint, resolve_checkpoint
+from pixelflow.train.checkpoint import read_weights
 
 
 def load_for_sampling(
     checkpoint: str | Path, weights: str = "ema", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[PixelFlowTransformer, Config]:
-    """(model in eval mode, its Config) from a checkpoint file, checkpoints directory or run directory."""
-    state = load_checkpoint(resolve_checkpoint(checkpoint))
-    cfg = from_yaml(state["config"])
+    """(model in eval mode, its Config) from a run directory, a step folder, an export or an older
+    single-file checkpoint."""
+    state, cfg = read_weights(Path(checkpoint), weights)
     model = PixelFlowTransformer(cfg.model)
-    model.load_state_dict(state[weights])
+    model.load_state_dict(state)
     model = model.to(device=device, dtype=dtype).eval()
     set_attention_backend(model, cfg.model.attention, torch.device(device).type)
     return model, cfg

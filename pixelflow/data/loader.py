@@ -15,8 +15,10 @@ storage errors, while the block before it is being decoded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pixelflow.config import ConfigError
 from pixelflow.data.decode import DecodeError, decode_crop
 from pixelflow.data.shard_format import Manifest, SampleEntry, ShardFormatError, parse_sample, read_index, read_manifest
 from pixelflow.data.storage import filesystem, with_retries
@@ -236,13 +239,18 @@ class DataStream:
         lanes: int = 0,
         retries: int = 5,
         retry_wait: float = 0.5,
+        ignore_signals: tuple[int, ...] = (),
     ):
         storage_options = storage_options or {}
         fs, root = filesystem(path, **storage_options)
         manifest = read_manifest(fs, root)
         num_lanes = state["num_lanes"] if state else (lanes or world_size * max(num_workers, 1))
         if num_lanes < world_size:
-            raise ValueError(f"{num_lanes} data lanes cannot feed {world_size} ranks; set data.lanes higher")
+            fixed = "fixed when the run started" if state else "from data.lanes or ranks x data workers"
+            raise ConfigError(
+                f"data.lanes: {num_lanes} reading lanes ({fixed}) cannot feed {world_size} data ranks; "
+                f"use at most {num_lanes} data ranks or start a run with data.lanes >= {world_size}"
+            )
         if len(manifest.shards) < num_lanes:
             raise ShardFormatError(
                 f"{path}: {len(manifest.shards)} shards cannot feed {num_lanes} reading lanes "
@@ -263,7 +271,7 @@ class DataStream:
             batch_size=None,
             num_workers=workers,
             pin_memory=pin_memory,
-            worker_init_fn=_quiet_worker,
+            worker_init_fn=functools.partial(_quiet_worker, ignore_signals),
             prefetch_factor=2 if workers else None,
         )
         self._iterator = iter(self._loader)
@@ -276,6 +284,13 @@ class DataStream:
         self.positions.update(batch.positions)
         self.batches += 1
         return batch
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now rather than at garbage collection."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def state_dict(self) -> dict:
         """Cursors of this rank's lanes (others 0: merge ranks' states with `merge_states`) and the number
@@ -293,5 +308,9 @@ def merge_states(states: list[dict]) -> dict:
     return merged
 
 
-def _quiet_worker(_: int) -> None:
+def _quiet_worker(ignore_signals: tuple[int, ...], _: int) -> None:
+    """One thread per worker; the trainer's stop signals are the trainer's business (a worker killed by
+    one would crash its rank)."""
     torch.set_num_threads(1)
+    for number in ignore_signals:
+        signal.signal(number, signal.SIG_IGN)

@@ -126,8 +126,10 @@ def init_world(cfg: Config, device_name: str = "auto") -> World:
     return World(rank, size, device, mesh, dp_mesh, fsdp_mesh, replicate, shard, sp)
 
 
-def shutdown(world: World) -> None:
-    """Leave the process group together: no rank tears its connections down while another still talks."""
+def shutdown(world: World, together: bool = True) -> None:
+    """Leave the process group. Together (after a barrier), no rank tears its connections down while another
+    still talks; after a failure the others may never reach the barrier, so leave at once."""
     if world.distributed and dist.is_initialized():
-        dist.barrier()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -3,7 +3,7 @@
 Config-driven: micro-batch, accumulation and clipping come from our config; a torch AdamW is passed in,
 so no fused optimizer op is JIT-built; bf16 on CUDA. The EMA is kept over each rank's ZeRO-3 partition of
 every parameter (no gather per step). Checkpoints hold full model and EMA weights (loadable into a plain
-model) plus DeepSpeed's own sharded optimizer state in `step_N.deepspeed/`.
+model) plus DeepSpeed's own sharded optimizer state in the step folder's `deepspeed/`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class PartitionEMA:
     def update(self) -> None:
         torch._foreach_lerp_(self.params, [p.ds_tensor.detach().float() for _, p in self.named], 1.0 - self.decay)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter's partitions gathered and trimmed to its shape (collective)."""
         out = {}
         for (name, param), mine in zip(self.named, self.params):
@@ -46,7 +46,7 @@ class PartitionEMA:
         return out
 
     @torch.no_grad()
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         rank = dist.get_rank()
         for (name, _), mine in zip(self.named, self.params):
             flat = state[name].reshape(-1).float()
@@ -109,27 +109,45 @@ class DeepSpeedEngine:
         self.ema.update()
         return torch.as_tensor(float(norm) if norm is not None else 0.0)
 
-    def full_state(self, step: int, directory) -> dict[str, Any]:
+    def checkpoint_parts(self) -> dict[str, Any]:
+        return {"model": GatheredModel(self.engine.module), "ema": self.ema, "deepspeed": NativeState(self)}
+
+
+class GatheredModel:
+    """Full float32 weights (gathered from the ZeRO-3 partitions), so any checkpoint samples without DeepSpeed."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
         import deepspeed
 
-        self.engine.save_checkpoint(str(Path(directory) / f"step_{step:08d}.deepspeed"), tag=TAG)
-        module = self.engine.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            model = {name: tensor.detach().float().cpu().clone() for name, tensor in module.state_dict().items()}
-        return {"model": model, "ema": self.ema.full_state_dict(), "deepspeed": TAG}
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            return {name: t.detach().float().cpu().clone() for name, t in self.module.state_dict().items()}
 
-    def restore(self, state: dict[str, Any], directory) -> bool:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         import deepspeed
 
-        module = self.engine.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
             if dist.get_rank() == 0:
-                module.load_state_dict(state["model"])
-        self.ema.load_full_state_dict(state["ema"])
-        if "deepspeed" not in state:
-            return False
-        self.engine.load_checkpoint(
-            str(Path(directory) / f"step_{state['step']:08d}.deepspeed"), tag=state["deepspeed"]
-        )
-        self._next_lr = self.lr_schedule.get_last_lr()[0]
-        return True
+                self.module.load_state_dict(state)
+
+
+class NativeState:
+    """DeepSpeed's own partitioned optimizer and LR schedule state, saved by DeepSpeed into `deepspeed/`."""
+
+    def __init__(self, owner: DeepSpeedEngine):
+        self.owner = owner
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tag": TAG}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # loaded by load_files, which needs the folder
+
+    def save_files(self, folder: Path) -> None:
+        self.owner.engine.save_checkpoint(str(folder / "deepspeed"), tag=TAG)
+
+    def load_files(self, folder: Path) -> None:
+        self.owner.engine.load_checkpoint(str(folder / "deepspeed"), tag=TAG)
+        self.owner._next_lr = self.owner.lr_schedule.get_last_lr()[0]

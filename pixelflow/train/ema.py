@@ -22,20 +22,23 @@ class EMA:
         current = [p.detach().float() for p in model.parameters()]
         torch._foreach_lerp_(self.params, current, 1.0 - self.decay)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full float32 tensors on the CPU, named like the model's parameters (collective under FSDP)."""
-        return {
-            name: (p.full_tensor() if isinstance(p, DTensor) else p).cpu() for name, p in zip(self.names, self.params)
-        }
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The float32 EMA tensors themselves (DTensor shards under FSDP), named like the parameters."""
+        return dict(zip(self.names, self.params))
 
     @torch.no_grad()
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """From shards (loaded in place) or from full tensors (a weights-only source), onto any mesh."""
         missing = [name for name in self.names if name not in state]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]}")
         for name, param in zip(self.names, self.params):
-            full = state[name].to(device=param.device, dtype=param.dtype)
+            value = state[name]
+            if value is param:
+                continue
             if isinstance(param, DTensor):
-                param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements).to_local())
+                if not isinstance(value, DTensor):
+                    value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+                param.to_local().copy_(value.to_local())
             else:
-                param.copy_(full)
+                param.copy_(value.to(device=param.device, dtype=param.dtype))

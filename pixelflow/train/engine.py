@@ -1,10 +1,9 @@
 """Training engines: what owns the model, optimizer, LR schedule and EMA, behind one small interface.
 
 The trainer calls `model(...)` for forward passes, `backward(loss)` once per micro-batch, `step()` once per
-optimizer step, and `full_state()` / `restore(state)` for checkpoints. `FsdpEngine` is the plain model on
+optimizer step, and `checkpoint_parts()` for checkpoints. `FsdpEngine` is the plain model on
 one process and FSDP2/HSDP across several; `pixelflow.train.deepspeed_engine.DeepSpeedEngine` drives
-DeepSpeed ZeRO-3. Both save full (unsharded) model and EMA weights, so any checkpoint loads into a plain
-model for sampling.
+DeepSpeed ZeRO-3. Each hands the checkpointer its state as named parts (`checkpoint_parts()`).
 """
 
 from __future__ import annotations
@@ -40,9 +39,9 @@ class Engine(Protocol):
 
     def step(self) -> torch.Tensor: ...
 
-    def full_state(self, step: int, directory) -> dict[str, Any]: ...
-
-    def restore(self, state: dict[str, Any], directory) -> bool: ...
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """Objects with state_dict()/load_state_dict(): model, ema, optimizer, ... (see train/checkpoint.py)."""
+        ...
 
 
 def initial_model(cfg: Config) -> PixelFlowTransformer:
@@ -75,27 +74,41 @@ class FsdpEngine:
         self.ema.update(self.model)
         return norm
 
-    def full_state(self, step: int, directory) -> dict[str, Any]:
-        """Full model, EMA and optimizer state (collective; complete on rank 0)."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    def checkpoint_parts(self) -> dict[str, Any]:
         return {
-            "model": get_model_state_dict(self.model, options=options),
-            "ema": self.ema.full_state_dict(),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
-            "lr_scheduler": self.lr_schedule.state_dict(),
+            "model": ModelPart(self.model),
+            "ema": self.ema,
+            "optimizer": OptimizerPart(self.model, self.optimizer),
+            "lr_schedule": self.lr_schedule,
         }
 
-    def restore(self, state: dict[str, Any], directory) -> bool:
-        """Load weights (always) and optimizer state (when present); True when training state was restored."""
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, state["model"], options=options)
-        self.ema.load_full_state_dict(state["ema"])
-        if "optimizer" not in state:
-            return False
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
-        self.lr_schedule.load_state_dict(state["lr_scheduler"])
-        self.last_lr = self.lr_schedule.get_last_lr()[0]
-        return True
+
+class ModelPart:
+    """The model's weights as a checkpoint part: sharded DTensors under FSDP2, plain tensors otherwise;
+    full tensors (a weights-only source) load into either."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        full = not any(isinstance(value, DTensor) for value in state.values())
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=full))
+
+
+class OptimizerPart:
+    """AdamW state keyed by parameter name (so it reshards); hyper-parameters travel as plain values."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
 def build_engine(cfg: Config, world: World) -> Engine:

@@ -27,12 +27,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, wandb_cfg: WandbConfig, config: dict, start_step: int, total_steps: int):
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a")
+        self._file = open_at_step(self.path, start_step)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None)
         self._wandb = self._start_wandb(wandb_cfg, run_dir, config)
 
@@ -78,6 +73,31 @@ class MetricsLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def open_at_step(path: Path, step: int):
+    """Open a JSON-lines log for appending after dropping the records of steps past `step` (written after
+    the checkpoint a run resumes from, so they are about to be written again)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a")
+
+
+class SampleKeyLog:
+    """Which samples one data rank trained on at each step (`train.log_sample_keys`): an audit trail that
+    shows no sample is repeated or skipped across restarts and layout changes."""
+
+    def __init__(self, run_dir: Path, dp_rank: int, start_step: int):
+        self._file = open_at_step(run_dir / "sample_keys" / f"dp_rank_{dp_rank:05d}.jsonl", start_step)
+
+    def log(self, step: int, keys: list[str]) -> None:
+        self._file.write(json.dumps({"step": step, "keys": keys}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _wandb_run_id(run_dir: Path) -> str:

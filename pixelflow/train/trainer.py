@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +24,8 @@ from pixelflow.parallel.ulysses import sp_slice
 from pixelflow.parallel.world import World, init_world, shutdown
 from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.engine import Engine, build_engine
-from pixelflow.train.metrics import MetricsLogger
+from pixelflow.train.metrics import MetricsLogger, SampleKeyLog
+from pixelflow.train.signals import EXIT_FINISHED, EXIT_STOPPED, StopSignals, signal_numbers
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +132,9 @@ def prepare_run_dir(cfg: Config, world: World) -> Path:
     run_dir = Path(cfg.run_dir)
     if world.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if world.distributed:
+        dist.barrier()  # the run directory exists before any rank writes into it
     return run_dir
 
 
@@ -143,63 +147,107 @@ def gather(world: World, value):
     return out
 
 
-def train(cfg: Config) -> Path:
-    """Train (or resume) the run described by cfg; returns the run directory."""
+class TrainProgress:
+    """The checkpoint part that decides the next batch: the step and every data lane's cursor."""
+
+    def __init__(self, world: World):
+        self.world, self.step, self.data_state, self.stream = world, 0, None, None
+
+    def state_dict(self) -> dict:
+        """Collective once streaming: the lanes' cursors are spread over the data ranks."""
+        if self.stream is None:
+            return {"step": self.step, "data": self.data_state}
+        return {"step": self.step, "data": merge_states(gather(self.world, self.stream.state_dict()))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.data_state = int(state["step"]), state["data"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    step: int
+    stopped: bool  # by a stop signal, after a committed checkpoint: resume with the same command
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STOPPED if self.stopped else EXIT_FINISHED
+
+
+def train(cfg: Config) -> RunResult:
+    """Train (or resume) the run described by cfg."""
     world = init_world(cfg, cfg.train.device)
-    run_dir = prepare_run_dir(cfg, world)
-    if world.distributed:
-        dist.barrier()  # the run directory exists before any rank writes into it
-    engine = build_engine(cfg, world)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
-    resumed = checkpointer.load_latest()
-    step = 0
-    if resumed is not None:
-        if engine.restore(resumed, checkpointer.directory):
-            step = resumed["step"]
-            log.info("resumed %s at step %d", run_dir, step)
-        else:  # weights only, e.g. converted from the reference: fine-tune from them
-            log.info("starting from the weights in %s (no optimizer state)", checkpointer.directory)
-    data = DataStream(
-        cfg.data.path,
-        cfg.train.global_batch // world.dp_size,
-        cfg.data.resolution,
-        cfg.seed,
-        cfg.data.num_workers,
-        cfg.data.shuffle_block,
-        rank=world.dp_rank,
-        world_size=world.dp_size,
-        state=resumed["data"] if step else None,
-        storage_options=storage_options(cfg.data.path, cfg.data.endpoint_url),
-        pin_memory=world.device.type == "cuda",
-        lanes=cfg.data.lanes,
-        retries=cfg.data.retries,
-        retry_wait=cfg.data.retry_wait,
-    )
-    schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
-    metrics = (
-        MetricsLogger(run_dir, cfg.wandb, {"config": to_yaml(cfg)}, step, cfg.train.steps) if world.is_main else None
-    )
-    window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
-    engine.model.train()
-    while step < cfg.train.steps:
-        batch = next(data)
-        step += 1
-        per_sample, stages, grad_norm = train_step(engine, batch, step, cfg, schedule, world)
-        window.add(per_sample, stages, grad_norm)
-        if metrics:
-            metrics.advance()
-        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            record = window.summary(step, engine.last_lr)
+    clean = False
+    try:
+        result = _train(cfg, world)
+        clean = True
+        return result
+    finally:
+        shutdown(world, clean)
+
+
+def _train(cfg: Config, world: World) -> RunResult:
+    with ExitStack() as cleanup:
+        stop = cleanup.enter_context(StopSignals(cfg.train.stop_signals, world))
+        engine = build_engine(cfg, world)
+        checkpointer = Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint, world, cfg)
+        cleanup.push(lambda failed, *_: checkpointer.close(wait=failed is None))
+        source = checkpointer.find_resume(cfg.resume)  # before anything in the run directory is touched
+        run_dir = prepare_run_dir(cfg, world)
+        progress = TrainProgress(world)
+        parts = {**engine.checkpoint_parts(), "train": progress}
+        if source is not None:
+            checkpointer.load(source, parts)
+            log.info(
+                "%s from %s at step %d", "resumed" if source.full else "weights loaded", source.path, progress.step
+            )
+        data = DataStream(
+            cfg.data.path,
+            cfg.train.global_batch // world.dp_size,
+            cfg.data.resolution,
+            cfg.seed,
+            cfg.data.num_workers,
+            cfg.data.shuffle_block,
+            rank=world.dp_rank,
+            world_size=world.dp_size,
+            state=progress.data_state,
+            storage_options=storage_options(cfg.data.path, cfg.data.endpoint_url),
+            pin_memory=world.device.type == "cuda",
+            lanes=cfg.data.lanes,
+            retries=cfg.data.retries,
+            retry_wait=cfg.data.retry_wait,
+            ignore_signals=tuple(signal_numbers(cfg.train.stop_signals)),
+        )
+        cleanup.callback(data.close)
+        progress.stream = data
+        step = progress.step
+        schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
+        metrics = keys = None
+        if world.is_main:
+            metrics = MetricsLogger(run_dir, cfg.wandb, {"config": to_yaml(cfg)}, step, cfg.train.steps)
+            cleanup.callback(metrics.close)
+        if cfg.train.log_sample_keys and world.sp_rank == 0:
+            keys = SampleKeyLog(run_dir, world.dp_rank, step)
+            cleanup.callback(keys.close)
+        window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
+        engine.model.train()
+        stopping = False
+        while step < cfg.train.steps and not stopping:
+            batch = next(data)
+            step += 1
+            per_sample, stages, grad_norm = train_step(engine, batch, step, cfg, schedule, world)
+            window.add(per_sample, stages, grad_norm)
+            if keys:
+                keys.log(step, batch.keys)
             if metrics:
-                metrics.log(record)
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-            state = engine.full_state(step, checkpointer.directory)
-            data_state = merge_states(gather(world, data.state_dict()))
-            if world.is_main:
-                checkpointer.save(step, {**state, "data": data_state, "config": to_yaml(cfg)})
-            if world.distributed:
-                dist.barrier()
-    if metrics:
-        metrics.close()
-    shutdown(world)
-    return run_dir
+                metrics.advance()
+            if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                record = window.summary(step, engine.last_lr)
+                if metrics:
+                    metrics.log(record)
+            stopping = stop.agreed()
+            if stopping or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                progress.step = step
+                checkpointer.save(step, parts, blocking=stopping)
+        checkpointer.wait()
+        return RunResult(run_dir, step, stopping)
