@@ -100,19 +100,18 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_torchrun_cli_writes_what_one_process_writes_and_resumes_exactly(tmp_path, shapes_dataset):
+def test_torchrun_cli_writes_the_layout_one_process_writes_and_resumes_exactly(tmp_path, shapes_dataset):
     single, double, resumed = tmp_path / "single", tmp_path / "double", tmp_path / "resumed"
     run(train_command(single, shapes_dataset, 4), 1)
     run(train_command(double, shapes_dataset, 4, "parallel.dp_shard=2"), 2)
-    assert (
-        files(double)
-        == files(single)
-        == [
-            "checkpoints/step_00000002.pt",
-            "checkpoints/step_00000004.pt",
-            "config.yaml",
-            "metrics.jsonl",
-        ]
+    expected = [
+        f"checkpoints/step_0000000{step}/{name}"
+        for step in (2, 4)
+        for name in (".metadata", "__0_0.distcp", "config.yaml", "manifest.json", "state.json")
+    ] + ["config.yaml", "metrics.jsonl"]
+    assert files(single) == sorted(expected)
+    assert files(double) == sorted(
+        expected + ["checkpoints/step_00000002/__1_0.distcp", "checkpoints/step_00000004/__1_0.distcp"]
     )
     run(train_command(resumed, shapes_dataset, 2, "parallel.dp_shard=2"), 2)
     run(train_command(resumed, shapes_dataset, 4, "parallel.dp_shard=2"), 2)
@@ -128,6 +127,6 @@ def test_deepspeed_checkpoints_resume_exactly_and_sample(tmp_path, shapes_datase
     run(train_command(split, shapes_dataset, 2, "engine=deepspeed"), 2)
     run(train_command(split, shapes_dataset, 4, "engine=deepspeed"), 2)
     assert losses(split) == pytest.approx(losses(whole), rel=1e-6)
-    assert (split / "checkpoints" / "step_00000004.deepspeed").is_dir()
+    assert (split / "checkpoints" / "step_00000004" / "deepspeed" / "zero").is_dir()
     model, cfg = load_for_sampling(split)
     assert generate(model, cfg, [0], 1, seed=0, steps_per_stage=2, cfg_scale=1.5).shape == (1, 3, 32, 32)

@@ -278,7 +278,7 @@ def test_demo_trains_from_s3(tmp_path, s3_endpoint, s3_shapes):
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "manifest.json").exists()
     assert "testing" not in done.stdout + done.stderr  # credentials never logged
 
 

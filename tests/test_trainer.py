@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelflow.train.checkpoint import Checkpointer, list_checkpoints, load_checkpoint
+from pixelflow.train.checkpoint import committed_checkpoints, read_weights
 from pixelflow.train.trainer import train
 from tests.conftest import REPO, tiny_config
 
@@ -20,48 +21,45 @@ def metrics(run_dir) -> list[dict]:
 
 
 def test_run_directory_holds_config_metrics_and_checkpoints(tmp_path, shapes_dataset):
-    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset))
+    result = train(tiny_config(tmp_path / "run", shapes_dataset))
+    run_dir = result.run_dir
+    assert (result.step, result.stopped, result.exit_status) == (6, False, 0)
     assert (run_dir / "config.yaml").read_text().startswith("run_dir:")
     records = metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "loss_stage0", "loss_stage3", "grad_norm", "img_per_s", "lr"):
         assert all(key in r for r in records), key
-    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000003.pt", "step_00000006.pt"]
-    state = load_checkpoint(run_dir / "checkpoints" / "step_00000006.pt")
-    assert set(state) >= {"model", "ema", "optimizer", "lr_scheduler", "data", "config", "step"}
+    assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step_00000003", "step_00000006"]
+    folder = run_dir / "checkpoints" / "step_00000006"
+    assert {".metadata", "__0_0.distcp", "state.json", "config.yaml", "manifest.json"} == {
+        p.name for p in folder.iterdir()
+    }
+    state = json.loads((folder / "state.json").read_text())
+    assert set(state) == {"model", "ema", "optimizer", "lr_schedule", "train"}
+    assert state["train"]["step"] == 6 and state["train"]["data"]["batches"] == 6
     assert records[1]["lr"] == pytest.approx(records[2]["lr"]) and records[0]["lr"] < records[1]["lr"]  # warmup 2
 
 
 def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(tmp_path, shapes_dataset):
-    whole = train(tiny_config(tmp_path / "whole", shapes_dataset, "data.num_workers=2"))
+    whole = train(tiny_config(tmp_path / "whole", shapes_dataset, "data.num_workers=2")).run_dir
     split = tmp_path / "split"
     train(tiny_config(split, shapes_dataset, "data.num_workers=2", "train.steps=3"))
     assert [r["step"] for r in metrics(split)] == [1, 2, 3]
     train(tiny_config(split, shapes_dataset, "data.num_workers=2"))
     assert metrics(split) == [dict(r, img_per_s=s["img_per_s"]) for r, s in zip(metrics(whole), metrics(split))]
-    final_whole = load_checkpoint(whole / "checkpoints" / "step_00000006.pt")
-    final_split = load_checkpoint(split / "checkpoints" / "step_00000006.pt")
-    for name, tensor in final_whole["model"].items():
-        assert torch.equal(tensor, final_split["model"][name]), name
-    for name, tensor in final_whole["ema"].items():
-        assert torch.equal(tensor, final_split["ema"][name]), name
+    for which in ("model", "ema"):
+        final_whole, _ = read_weights(whole, which)
+        final_split, _ = read_weights(split, which)
+        for name, tensor in final_whole.items():
+            assert torch.equal(tensor, final_split[name]), (which, name)
 
 
 def test_a_crash_after_the_last_checkpoint_drops_stale_metrics_on_resume(tmp_path, shapes_dataset):
     run_dir = tmp_path / "run"
     train(tiny_config(run_dir, shapes_dataset, "train.steps=5"))  # checkpoint at 3 and 5
-    (run_dir / "checkpoints" / "step_00000005.pt").unlink()  # as if the process died after logging step 5
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000005")  # as if the process died after logging step 5
     train(tiny_config(run_dir, shapes_dataset))
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
-
-
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, shapes_dataset, caplog):
-    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset))
-    newest = run_dir / "checkpoints" / "step_00000006.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])
-    state = Checkpointer(run_dir / "checkpoints", keep=5).load_latest()
-    assert state["step"] == 3
-    assert "step_00000006.pt: unreadable checkpoint" in caplog.text
 
 
 def test_a_short_run_learns(tmp_path, shapes_dataset):
@@ -75,12 +73,12 @@ def test_a_short_run_learns(tmp_path, shapes_dataset):
         "checkpoint.every=150",
         "model.num_heads=4",
     )
-    records = metrics(train(cfg))
+    records = metrics(train(cfg).run_dir)
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
 
 
 def test_sample_command_writes_a_grid_from_a_checkpoint(tmp_path, shapes_dataset):
-    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3"))
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
     out = tmp_path / "grid.png"
     command = [
         sys.executable,
@@ -120,7 +118,7 @@ def test_wandb_run_is_written_into_the_run_directory(tmp_path, shapes_dataset, m
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials either
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=2", f"wandb.mode={mode}"))
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=2", f"wandb.mode={mode}")).run_dir
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert (run_dir / "wandb_id.txt").read_text().strip() in offline_runs[0].name

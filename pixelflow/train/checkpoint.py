@@ -20,8 +20,8 @@ removed after the next commit. An asynchronous save copies the tensors into (pin
 writes and commits on a background thread while training goes on; the next save, a stop or the end of
 training waits for it.
 
-Test hook: PIXELFLOW_TEST_COMMIT_DELAY=<seconds> makes rank 0 wait that long before committing, so tests
-can kill a run while a save is in flight.
+Test hook: PIXELFLOW_TEST_STALL_COMMIT=<step>:<seconds> makes rank 0 wait that long before committing
+that step's save (every rank's files written, no manifest yet), so tests can kill a run mid-save.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ from pixelflow.config import CheckpointConfig, Config, from_yaml, to_yaml
 from pixelflow.parallel.world import World
 
 log = logging.getLogger(__name__)
+# DCP warns on every single-process save and load, which is what one process without a group means here
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 COMMITTED = re.compile(r"^step_(\d{8})$")
 TEMPORARY = re.compile(r"^\.step_\d{8}\.(tmp|old)$")
 LEGACY = re.compile(r"^step_(\d{8})\.pt$")
@@ -259,7 +262,7 @@ class Checkpointer:
         _write_file(temporary / f".crc-{self.world.rank}.json", json.dumps(sums))
         self._barrier()
         if self.world.is_main:
-            time.sleep(float(os.environ.get("PIXELFLOW_TEST_COMMIT_DELAY", "0")))
+            _stall_if_asked(step)
             self._commit(temporary, step)
         self._barrier()  # a returned save is a committed one, on every rank
 
@@ -364,6 +367,12 @@ class Checkpointer:
             if hasattr(part, "load_files"):
                 part.load_files(source.path)
             part.load_state_dict(join_tensors(saved[name], tensors, name))
+
+
+def _stall_if_asked(step: int) -> None:
+    stall_step, _, seconds = os.environ.get("PIXELFLOW_TEST_STALL_COMMIT", "").partition(":")
+    if stall_step and int(stall_step) == step:
+        time.sleep(float(seconds))
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], saved: dict[str, Any], where: Path) -> None:

@@ -192,15 +192,15 @@ def _train(cfg: Config, world: World) -> RunResult:
         engine = build_engine(cfg, world)
         checkpointer = Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint, world, cfg)
         cleanup.push(lambda failed, *_: checkpointer.close(wait=failed is None))
-        source = checkpointer.find_resume(cfg.resume)  # before anything in the run directory is touched
-        run_dir = prepare_run_dir(cfg, world)
         progress = TrainProgress(world)
         parts = {**engine.checkpoint_parts(), "train": progress}
-        if source is not None:
+        source = checkpointer.find_resume(cfg.resume)
+        if source is not None:  # a checkpoint that cannot be used stops the run before the directory is touched
             checkpointer.load(source, parts)
             log.info(
                 "%s from %s at step %d", "resumed" if source.full else "weights loaded", source.path, progress.step
             )
+        run_dir = prepare_run_dir(cfg, world)
         data = DataStream(
             cfg.data.path,
             cfg.train.global_batch // world.dp_size,
