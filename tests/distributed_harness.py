@@ -2,6 +2,8 @@
 
 harness.py train OUT key=value...   5 steps on fixed global batches; records the losses and grad norms
 harness.py attention OUT SP         Ulysses attention over a mixed-length packed stream vs one process
+harness.py reload OUT CONFIG CHECKPOINT key=value...
+                                    load a checkpoint onto this layout, save it again into OUT as loaded
 """
 
 from __future__ import annotations
@@ -112,10 +114,27 @@ def attention(out: Path, sp: int) -> None:
     shutdown(world)
 
 
+def reload(out: Path, config: str, checkpoint: str, overrides: list[str]) -> None:
+    from pixelflow.train.checkpoint import Checkpointer
+    from pixelflow.train.trainer import TrainProgress
+
+    cfg = load_config(config, overrides)
+    world = init_world(cfg, "cpu")
+    engine = build_engine(cfg, world)
+    parts = {**engine.checkpoint_parts(), "train": TrainProgress(world)}
+    checkpointer = Checkpointer(out, cfg.checkpoint, world, cfg)
+    checkpointer.load(checkpointer.find_resume(checkpoint), parts)
+    checkpointer.save(parts["train"].step, parts, blocking=True)
+    checkpointer.close()
+    shutdown(world)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mode, target = sys.argv[1], Path(sys.argv[2])
     if mode == "train":
         train(target, sys.argv[3:])
+    elif mode == "reload":
+        reload(target, sys.argv[3], sys.argv[4], sys.argv[5:])
     else:
         attention(target, int(sys.argv[3]))
