@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of this project in one pass (run on a CUDA machine from the repository root): the CUDA
 # tests (attention kernels agree), a short FSDP2 training run with checkpoint and sampling through the real
-# CLI, then the benchmarks on PixelFlow-XL/4 at 256 px: plain compiled training, sampling, FSDP2 and
-# DeepSpeed ZeRO-3 at world size 1. Prints JSON lines; a failing part does not stop the rest. Wheels for
+# CLI (async checkpoint save on CUDA), then the benchmarks on PixelFlow-XL/4 at 256 px: plain compiled
+# training, sampling, FSDP2, checkpoint save (sync vs async) and DeepSpeed ZeRO-3 at world size 1. Prints JSON lines; a failing part does not stop the rest. Wheels for
 # packages the machine lacks can be put in .whl/ (see benchmarks/RESULTS.md).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
@@ -29,5 +29,7 @@ part "train step, compiled, micro 16" 150 python3 benchmarks/train_step.py --bat
 part "sampling, XL/4 256px" 60 python3 benchmarks/sample.py --batch 8 --steps 4 --cfg 2.4
 part "train step, FSDP2 world size 1, compiled" 100 $SINGLE benchmarks/train_step.py --batches 16 --micro 16 --compile \
     --steps 8 --peak-tflops 790
+part "checkpoint save XL/4, sync vs async (FSDP2 world size 1)" 150 $SINGLE benchmarks/checkpoint.py \
+    --config configs/pixelflow_xl_c2i_256.yaml --dir /tmp/ckpt_xl --repeats 2
 part "train step, DeepSpeed ZeRO-3 world size 1" 90 $SINGLE benchmarks/train_step.py --engine deepspeed --batches 16 \
     --steps 6 --peak-tflops 790
