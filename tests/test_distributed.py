@@ -128,5 +128,14 @@ def test_deepspeed_checkpoints_resume_exactly_and_sample(tmp_path, shapes_datase
     run(train_command(split, shapes_dataset, 4, "engine=deepspeed"), 2)
     assert losses(split) == pytest.approx(losses(whole), rel=1e-6)
     assert (split / "checkpoints" / "step_00000004" / "deepspeed" / "zero").is_dir()
+    for procs, engine, message in [
+        (1, "engine=deepspeed", "DeepSpeed ZeRO-3 state of 2 ranks cannot reshard onto 1; resume on 2 ranks"),
+        (2, "engine=fsdp", "written by another engine: it has no 'optimizer' state"),
+    ]:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
+        command += ["--master_port", str(free_port())] + train_command(split, shapes_dataset, 6, engine)
+        refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+        assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     model, cfg = load_for_sampling(split)
     assert generate(model, cfg, [0], 1, seed=0, steps_per_stage=2, cfg_scale=1.5).shape == (1, 3, 32, 32)

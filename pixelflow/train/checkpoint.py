@@ -358,15 +358,21 @@ class Checkpointer:
             for name in ("model", "ema"):
                 parts[name].load_state_dict(weights)
             return
+        saved = json.loads((source.path / STATE).read_text())
+        missing = [name for name in parts if name not in saved]
+        if missing:
+            raise CheckpointError(
+                f"{source.path}: written by another engine: it has no '{missing[0]}' state "
+                f"(it holds {', '.join(sorted(saved))}); resume it with the engine that wrote it"
+            )
         tensors, _ = split_tensors({name: part.state_dict() for name, part in parts.items()})
         reader = dcp.FileSystemReader(str(source.path))
         check_shapes(tensors, reader.read_metadata().state_dict_metadata, source.path)
         dcp.load(tensors, storage_reader=reader, process_group=self.group, no_dist=not self.world.distributed)
-        saved = json.loads((source.path / STATE).read_text())
         for name, part in parts.items():
+            part.load_state_dict(join_tensors(saved[name], tensors, name))
             if hasattr(part, "load_files"):
                 part.load_files(source.path)
-            part.load_state_dict(join_tensors(saved[name], tensors, name))
 
 
 def _stall_if_asked(step: int) -> None:

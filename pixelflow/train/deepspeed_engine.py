@@ -134,20 +134,29 @@ class GatheredModel:
 
 
 class NativeState:
-    """DeepSpeed's own partitioned optimizer and LR schedule state, saved by DeepSpeed into `deepspeed/`."""
+    """DeepSpeed's own partitioned optimizer and LR schedule state, saved by DeepSpeed into `deepspeed/`.
+    Its ZeRO-3 partitions fit one data-parallel size only: another is one clear error."""
 
     def __init__(self, owner: DeepSpeedEngine):
-        self.owner = owner
+        self.owner, self.saved_world_size = owner, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tag": TAG}
+        return {"tag": TAG, "world_size": dist.get_world_size()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass  # loaded by load_files, which needs the folder
+        self.saved_world_size = state["world_size"]
 
     def save_files(self, folder: Path) -> None:
         self.owner.engine.save_checkpoint(str(folder / "deepspeed"), tag=TAG)
 
     def load_files(self, folder: Path) -> None:
+        if self.saved_world_size != dist.get_world_size():
+            from pixelflow.train.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"{folder}: DeepSpeed ZeRO-3 state of {self.saved_world_size} ranks cannot reshard onto "
+                f"{dist.get_world_size()}; resume on {self.saved_world_size} ranks, or fine-tune from "
+                f"`pixelflow export` of it (weights only)"
+            )
         self.owner.engine.load_checkpoint(str(folder / "deepspeed"), tag=TAG)
         self.owner._next_lr = self.owner.lr_schedule.get_last_lr()[0]
