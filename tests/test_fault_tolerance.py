@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -68,6 +69,22 @@ def wait_for(condition, what: str, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts its ranks in sessions of their own,
+    so killing its process group would leave them running)."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+
+
 def read_all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, full, read in this one process."""
     reader = dcp.FileSystemReader(str(folder))
@@ -113,9 +130,11 @@ def test_sigkill_at_any_moment_then_the_same_command_continues_the_same_trajecto
             wait_for(lambda: (stalled / ".crc-1.json").exists(), "step 4's save to be written")
         else:  # the step loop runs on while the save is in flight
             wait_for(lambda: logged_step(run_dir) >= 5 and (stalled / ".crc-1.json").exists(), "step 5 during the save")
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_tree(job.pid)
     finally:
+        kill_tree(job.pid)
         job.wait()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
     committed = [p.name for p in committed_checkpoints(run_dir / "checkpoints")]
     if moment != "between_steps":
         assert committed == ["step_00000002"] and stalled.is_dir()  # written but never committed
