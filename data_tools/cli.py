@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from data_tools.ingest import KINDS, IngestError, Options, ingest
+from data_tools.ingest import KINDS, IngestError, Options, Report, ingest
 from data_tools.synthetic import write_synthetic_dataset
 from pixelflow.cli import run_command
 from pixelflow.data.shard_format import ShardFormatError
@@ -21,7 +21,27 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.output}")
 
 
-def _ingest(args: argparse.Namespace) -> None:
+def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    """INPUT OUTPUT and the ingest options (shared with `pixelflow-launch ingest`)."""
+    parser.add_argument("input", help="class folders, captioned folder, or a table file")
+    parser.add_argument("output", help="output directory or s3://bucket/prefix")
+    parser.add_argument("--kind", choices=KINDS, help="input kind (detected when not given)")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials: the AWS environment)")
+    parser.add_argument("--report", help="also write the report JSON here")
+    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--shard-size-mb", type=float, help="group by source megabytes instead of count")
+    parser.add_argument("--min-size", type=int, default=64, help="skip images with a shorter side below this")
+    parser.add_argument("--max-aspect", type=float, default=4.0, help="skip images longer/shorter side above this")
+    parser.add_argument("--max-side", type=int, default=0, help="downscale images larger than this (0 = keep)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
+    parser.add_argument("--reencode", action="store_true", help="re-encode every image, not only changed ones")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_ingest(args: argparse.Namespace, part: tuple[int, int] | None = None) -> Report:
+    """Ingest as the parsed arguments say (one slice of the shards with part); the whole report is printed
+    and written to --report when part is None."""
     options = Options(
         per_shard=args.per_shard,
         shard_bytes=int(args.shard_size_mb * 2**20) if args.shard_size_mb else 0,
@@ -31,11 +51,18 @@ def _ingest(args: argparse.Namespace) -> None:
         quality=args.quality,
         reencode=args.reencode,
     )
-    report = ingest(args.input, args.output, args.kind, options, args.workers, args.endpoint_url, not args.quiet)
+    report = ingest(
+        args.input, args.output, args.kind, options, args.workers, args.endpoint_url, not args.quiet, part=part
+    )
     text = json.dumps(asdict(report), indent=1)
-    if args.report:
+    if args.report and part is None:
         Path(args.report).write_text(text + "\n")
     print(text)
+    return report
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    run_ingest(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,20 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ingest an image folder (ImageNet-style classes), a captioned folder (sidecar .txt) or a table "
         "(.parquet/.jsonl/.csv of paths and captions) into shards. Rerunning skips complete shards.",
     )
-    ingest_cmd.add_argument("input", help="class folders, captioned folder, or a table file")
-    ingest_cmd.add_argument("output", help="output directory or s3://bucket/prefix")
-    ingest_cmd.add_argument("--kind", choices=KINDS, help="input kind (detected when not given)")
-    ingest_cmd.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials: the AWS environment)")
-    ingest_cmd.add_argument("--report", help="also write the report JSON here")
-    ingest_cmd.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    ingest_cmd.add_argument("--shard-size-mb", type=float, help="group by source megabytes instead of count")
-    ingest_cmd.add_argument("--min-size", type=int, default=64, help="skip images with a shorter side below this")
-    ingest_cmd.add_argument("--max-aspect", type=float, default=4.0, help="skip images longer/shorter side above this")
-    ingest_cmd.add_argument("--max-side", type=int, default=0, help="downscale images larger than this (0 = keep)")
-    ingest_cmd.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
-    ingest_cmd.add_argument("--reencode", action="store_true", help="re-encode every image, not only changed ones")
-    ingest_cmd.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    ingest_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ingest_arguments(ingest_cmd)
     ingest_cmd.set_defaults(func=_ingest)
 
     synth = commands.add_parser(

@@ -334,8 +334,11 @@ def ingest(
     workers: int = 1,
     endpoint_url: str | None = None,
     progress: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> Report:
-    """Ingest `source` into shards under `output` (a directory or s3://bucket/prefix) plus a manifest."""
+    """Ingest `source` into shards under `output` (a directory or s3://bucket/prefix) plus a manifest.
+    With part=(i, n), write only every n-th shard from the i-th and no manifest: one task of a job array,
+    whose final step (a run without part) reuses every shard and writes the manifest and whole report."""
     started = time.perf_counter()
     source = Path(source)
     kind = kind or detect_kind(source)
@@ -347,27 +350,32 @@ def ingest(
     fs, root = filesystem(output, **storage)
     fs.makedirs(root, exist_ok=True)
     jobs = [ShardJob(n, group, output, storage, options) for n, group in enumerate(plan_shards(items, options))]
-    report = Report(inputs=len(items))
+    if part is not None:
+        jobs = jobs[part[0] :: part[1]]
+    report = Report(inputs=sum(len(job.items) for job in jobs))
+    sizes = {job.number: len(job.items) for job in jobs}
     infos: dict[int, ShardInfo] = {}
     max_label = None
-    bar = tqdm(total=len(items), unit="img", disable=not progress, desc="ingest")
+    bar = tqdm(total=report.inputs, unit="img", disable=not progress, desc="ingest")
     context = multiprocessing.get_context("spawn")  # s3fs clients and their threads do not survive fork
     with context.Pool(workers) if workers > 1 else _InProcess() as pool:
-        for part in pool.imap_unordered(write_shard, jobs):
-            report.add(part)
-            report.shards_reused += part["reused"]
-            if part["shard"]["count"]:
-                infos[part["number"]] = ShardInfo(**part["shard"])
-            if part["max_label"] is not None:
-                max_label = max(part["max_label"], max_label if max_label is not None else -1)
-            bar.update(len(jobs[part["number"]].items))
+        for written in pool.imap_unordered(write_shard, jobs):
+            report.add(written)
+            report.shards_reused += written["reused"]
+            if written["shard"]["count"]:
+                infos[written["number"]] = ShardInfo(**written["shard"])
+            if written["max_label"] is not None:
+                max_label = max(written["max_label"], max_label if max_label is not None else -1)
+            bar.update(sizes[written["number"]])
     bar.close()
+    report.shards = len(infos)
+    report.seconds = round(time.perf_counter() - started, 3)
+    if part is not None:
+        return report
     num_classes = len(classes) if classes else (max_label + 1 if max_label is not None else None)
     extra = {"classes": classes} if classes else {}
     manifest = Manifest([infos[n] for n in sorted(infos)], num_classes=num_classes, extra=extra)
     write_json_atomically(fs, f"{root}/manifest.json", manifest.to_json())
-    report.shards = len(infos)
-    report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 

@@ -1,1 +1,1 @@
-"""Job launchers (local torchrun and SLURM via submitit); they depend on pixelflow, never the reverse."""
+"""Job launchers (SLURM via submitit, and local ranks); they depend on pixelflow, never the reverse."""

@@ -20,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.endpoint_url={args.endpoint_url}"] if args.endpoint_url else [])
     cfg = load_config(args.config, overrides)
     result = train(cfg)
-    state = "stopped by a signal (exit 75: resume with the same command)" if result.stopped else "finished"
+    state = f"stopped by {result.stop_signal} (exit 75: resume with the same command)" if result.stopped else "finished"
     print(f"run directory: {result.run_dir} ({state} at step {result.step})")
     return result.exit_status
 

@@ -106,6 +106,28 @@ class WandbConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Cluster options for `pixelflow-launch submit` (the trainer itself ignores them)."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1  # one task (rank) per GPU
+    gpus_per_node: int = 0
+    cpus_per_task: int = 8
+    mem_gb: float = 0  # 0 = the partition's default
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 24 * 60  # time limit, minutes
+    constraint: str | None = None
+    exclusive: bool = False
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: stop, save, requeue
+    max_timeout_requeues: int = 20  # requeues after time limits (after preemption: unlimited)
+    job_name: str = "pixelflow"
+    extra_sbatch: dict[str, str] = field(default_factory=dict)  # more sbatch options, e.g. {reservation: x}
+    setup: list[str] = field(default_factory=list)  # shell lines run before the tasks start (module load ...)
+
+
+@dataclass
 class Config:
     run_dir: str = MISSING
     seed: int = 0
@@ -119,6 +141,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def _explain(exc: OmegaConfBaseException) -> str:
@@ -276,6 +299,14 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             f"= '{cfg.wandb.mode}' must be disabled, offline or online",
         ),
         (bool(cfg.run_dir), "run_dir", "must name a directory"),
+        (cfg.slurm.nodes >= 1, "slurm.nodes", f"= {cfg.slurm.nodes} must be at least 1"),
+        (cfg.slurm.tasks_per_node >= 1, "slurm.tasks_per_node", f"= {cfg.slurm.tasks_per_node} must be at least 1"),
+        (cfg.slurm.gpus_per_node >= 0, "slurm.gpus_per_node", "must not be negative"),
+        (cfg.slurm.cpus_per_task >= 1, "slurm.cpus_per_task", f"= {cfg.slurm.cpus_per_task} must be at least 1"),
+        (cfg.slurm.mem_gb >= 0, "slurm.mem_gb", "must not be negative"),
+        (cfg.slurm.time_min >= 1, "slurm.time_min", f"= {cfg.slurm.time_min} must be at least 1"),
+        (cfg.slurm.signal_delay_s >= 0, "slurm.signal_delay_s", "must not be negative"),
+        (cfg.slurm.max_timeout_requeues >= 0, "slurm.max_timeout_requeues", "must not be negative"),
     ]
     for ok, key, reason in checks:
         if not ok:

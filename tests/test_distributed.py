@@ -113,6 +113,9 @@ def test_torchrun_cli_writes_the_layout_one_process_writes_and_resumes_exactly(t
     assert files(double) == sorted(
         expected + ["checkpoints/step_00000002/__1_0.distcp", "checkpoints/step_00000004/__1_0.distcp"]
     )
+    for folder in (double / "checkpoints").iterdir():  # the manifest covers every file but itself, nothing else
+        listed = json.loads((folder / "manifest.json").read_text())["files"]
+        assert sorted(listed) == sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
     run(train_command(resumed, shapes_dataset, 2, "parallel.dp_shard=2"), 2)
     run(train_command(resumed, shapes_dataset, 4, "parallel.dp_shard=2"), 2)
     assert losses(resumed) == losses(double)

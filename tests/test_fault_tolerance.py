@@ -190,7 +190,7 @@ def test_sigterm_stops_all_ranks_after_the_same_step_with_a_committed_checkpoint
     assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == [f"step_{stopped_at:08d}"]
     for rank in range(2):
         log = (tmp_path / f"rank{rank}.log").read_text()
-        assert f"stopped by a signal (exit 75: resume with the same command) at step {stopped_at}" in log
+        assert f"stopped by SIGTERM (exit 75: resume with the same command) at step {stopped_at}" in log
     run_to_end(args)
     assert losses(run_dir) == losses(whole)
 

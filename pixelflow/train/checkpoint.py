@@ -54,6 +54,7 @@ COMMITTED = re.compile(r"^step_(\d{8})$")
 TEMPORARY = re.compile(r"^\.step_\d{8}\.(tmp|old)$")
 LEGACY = re.compile(r"^step_(\d{8})\.pt$")
 MANIFEST, STATE, CONFIG = "manifest.json", "state.json", "config.yaml"
+CRC = ".crc-"  # each rank's share of the checksums, merged into the manifest at commit
 EXPORT_WEIGHTS = "model.safetensors"
 SEPARATOR = "/"  # joins a tensor's path through the nested state into its DCP key (names contain dots)
 
@@ -256,10 +257,13 @@ class Checkpointer:
             no_dist=not self.world.distributed,
         )
         self._barrier()  # every rank's files are complete
-        files = sorted(str(p.relative_to(temporary)) for p in temporary.rglob("*") if p.is_file())
+        # the same list on every rank: the checksum files that ranks are writing meanwhile are left out
+        files = sorted(
+            str(p.relative_to(temporary)) for p in temporary.rglob("*") if p.is_file() and not p.name.startswith(CRC)
+        )
         mine = files[self.world.rank :: self.world.size]
         sums = {name: {"size": (temporary / name).stat().st_size, "crc32": file_crc(temporary / name)} for name in mine}
-        _write_file(temporary / f".crc-{self.world.rank}.json", json.dumps(sums))
+        _write_file(temporary / f"{CRC}{self.world.rank}.json", json.dumps(sums))
         self._barrier()
         if self.world.is_main:
             _stall_if_asked(step)
@@ -269,7 +273,7 @@ class Checkpointer:
     def _commit(self, temporary: Path, step: int) -> None:
         manifest = {}
         for rank in range(self.world.size):
-            part = temporary / f".crc-{rank}.json"
+            part = temporary / f"{CRC}{rank}.json"
             manifest.update(json.loads(part.read_text()))
             part.unlink()
         _write_file(temporary / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1, sort_keys=True))

@@ -1,8 +1,9 @@
 """Agreed stop on the signals a scheduler sends before it kills a job (SIGTERM, SIGUSR2 by default).
 
-A signal only sets a flag. At every step boundary the ranks agree on it with one small all-reduce (MAX)
-over a CPU group of their own, so all ranks stop after the same step however many of them were signalled,
-save together and exit with EXIT_STOPPED. A second signal during the save changes nothing.
+A signal only sets a flag. At every step boundary the ranks agree on it with one small all-reduce (MAX of
+the signal numbers) over a CPU group of their own, so all ranks stop after the same step however many of
+them were signalled, save together and exit with EXIT_STOPPED; which signal it was tells a launcher why
+(SIGUSR2: time limit, SIGTERM: preemption or cancel). A second signal during the save changes nothing.
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ class StopSignals:
         if self.received is None:
             self.received = number
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank was signalled (collective, every step)."""
-        self._flag.fill_(int(self.received is not None))
+    def agreed(self) -> str | None:
+        """The signal that stops the run, the same on every rank (collective, every step): SIGTERM wins
+        over SIGUSR2 when ranks got different ones; None when no rank was signalled."""
+        self._flag.fill_(self.received or 0)
         if self.world.distributed:
             dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group)
-        stop = bool(self._flag.item())
-        if stop:
-            origin = signal.Signals(self.received).name if self.received else "another rank"
-            log.warning("stop requested (%s): saving a checkpoint and exiting with %d", origin, EXIT_STOPPED)
-        return stop
+        number = int(self._flag.item())
+        if not number:
+            return None
+        name = signal.Signals(number).name
+        origin = "here" if self.received else "on another rank"
+        log.warning("%s received %s: saving a checkpoint, then exiting with %d", name, origin, EXIT_STOPPED)
+        return name

@@ -167,7 +167,11 @@ class TrainProgress:
 class RunResult:
     run_dir: Path
     step: int
-    stopped: bool  # by a stop signal, after a committed checkpoint: resume with the same command
+    stop_signal: str | None  # the signal that stopped the run after a committed checkpoint; None = finished
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_signal is not None
 
     @property
     def exit_status(self) -> int:
@@ -231,7 +235,7 @@ def _train(cfg: Config, world: World) -> RunResult:
             cleanup.callback(keys.close)
         window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
         engine.model.train()
-        stopping = False
+        stopping = None
         while step < cfg.train.steps and not stopping:
             batch = next(data)
             step += 1
@@ -248,6 +252,6 @@ def _train(cfg: Config, world: World) -> RunResult:
             stopping = stop.agreed()
             if stopping or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 progress.step = step
-                checkpointer.save(step, parts, blocking=stopping)
+                checkpointer.save(step, parts, blocking=stopping is not None)
         checkpointer.wait()
         return RunResult(run_dir, step, stopping)

@@ -1,0 +1,136 @@
+"""`pixelflow-launch` (also `python -m launch`): submit training to SLURM, watch it, cancel it, run it locally,
+ingest as a job array. Thin: parses, then calls launch.slurm / launch.local / launch.ingest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_tools.cli import add_ingest_arguments
+from data_tools.ingest import IngestError
+from launch.slurm import LaunchError
+from pixelflow.cli import USER_ERRORS, run_command
+from pixelflow.config import SlurmConfig, load_config
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from launch.slurm import submit
+
+    job_id, run_dir = submit(load_config(args.config, args.overrides))
+    print(f"submitted job {job_id}")
+    print(f"run directory: {run_dir}")
+
+
+def _status(args: argparse.Namespace) -> None:
+    from launch.slurm import status
+
+    print(status(args.target))
+
+
+def _cancel(args: argparse.Namespace) -> None:
+    from launch.slurm import cancel
+
+    cancelled = cancel(args.target)
+    print(f"cancelled {' '.join(cancelled)}" if cancelled else "nothing to cancel: no job of it is pending or running")
+
+
+def _tail(args: argparse.Namespace) -> None:
+    from launch.slurm import tail
+
+    print(tail(Path(args.run_dir), args.rank, args.lines))
+
+
+def _local(args: argparse.Namespace) -> int:
+    from launch.local import run_local
+    from launch.run_dir import prepare
+
+    run_dir = prepare(load_config(args.config, args.overrides))
+    print(f"run directory: {run_dir}", flush=True)
+    return run_local(run_dir / "config.yaml", args.nproc)
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from launch.ingest import submit_ingest
+
+    if args.tasks < 1:
+        raise LaunchError(f"--tasks {args.tasks}: must be at least 1")
+    bad = [task for task in args.task or [] if not 0 <= task < args.tasks]
+    if bad:
+        raise LaunchError(f"--task {bad[0]}: must be in 0..{args.tasks - 1}")
+    slurm = SlurmConfig(
+        partition=args.partition,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        time_min=args.time_min,
+        job_name="pixelflow-ingest",
+    )
+    tasks, final = submit_ingest(args, slurm, args.task or list(range(args.tasks)))
+    print(f"submitted array tasks {' '.join(tasks)}")
+    print(f"submitted final step {final} (manifest and report; runs once every task succeeded)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixelflow-launch", description="Launch pixelflow training on SLURM (submitit) or locally."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    submit = commands.add_parser(
+        "submit",
+        help="submit a training job to SLURM",
+        description="Submit CONFIG as a SLURM job: cluster options come from its slurm: section (overridable, "
+        "e.g. slurm.nodes=2 slurm.partition=gpu). Preempted or time-limited jobs save, requeue and resume.",
+    )
+    submit.add_argument("config", help="YAML config")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    submit.set_defaults(func=_submit)
+
+    status = commands.add_parser("status", help="state of a run's newest job, its step, loss and checkpoint")
+    status.add_argument("target", help="run directory or job id")
+    status.set_defaults(func=_status)
+
+    cancel = commands.add_parser("cancel", help="cancel a job, or every pending/running job of a run directory")
+    cancel.add_argument("target", help="run directory or job id")
+    cancel.set_defaults(func=_cancel)
+
+    tail = commands.add_parser("tail", help="the end of a rank's log of the run's newest job")
+    tail.add_argument("run_dir")
+    tail.add_argument("--rank", type=int, default=0, help="task (rank) whose log to show (default 0)")
+    tail.add_argument("--lines", type=int, default=40)
+    tail.set_defaults(func=_tail)
+
+    local = commands.add_parser(
+        "local",
+        help="run the same job on this machine without SLURM",
+        description="Train CONFIG on --nproc local ranks (no SLURM): same run directory layout, same stop and "
+        "resume behaviour; exit status 75 means stopped by a signal, run again to resume.",
+    )
+    local.add_argument("config")
+    local.add_argument("overrides", nargs="*", metavar="key=value")
+    local.add_argument("--nproc", type=int, default=1, help="ranks (default 1)")
+    local.set_defaults(func=_local)
+
+    ingest = commands.add_parser(
+        "ingest",
+        help="ingest as a SLURM job array",
+        description="pixelflow-data ingest split over --tasks array tasks plus a final step (manifest, report).",
+    )
+    add_ingest_arguments(ingest)
+    ingest.add_argument("--tasks", type=int, required=True, help="array tasks")
+    ingest.add_argument("--task", type=int, action="append", help="submit only this task (again); repeatable")
+    ingest.add_argument("--logs", default="ingest_logs", help="folder for the jobs' logs (default ingest_logs)")
+    ingest.add_argument("--partition")
+    ingest.add_argument("--cpus-per-task", type=int, default=1)
+    ingest.add_argument("--mem-gb", type=float, default=0)
+    ingest.add_argument("--time-min", type=int, default=24 * 60)
+    ingest.set_defaults(func=_ingest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv, (*USER_ERRORS, LaunchError, IngestError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
