@@ -94,6 +94,7 @@ class JobState:
     state: str
     restarts: int
     run_dir: Path | None
+    reason: str = "None"  # why a pending job waits (scontrol's Reason)
 
 
 def job_state(job_id: str) -> JobState:
@@ -103,7 +104,8 @@ def job_state(job_id: str) -> JobState:
         fields = dict(item.split("=", 1) for item in shown.split() if "=" in item)
         stdout = fields.get("StdOut", "")
         run_dir = Path(stdout).parent.parent.parent if "/slurm/" in stdout else None
-        return JobState(job_id, fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", 0)), run_dir)
+        state, restarts = fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", 0))
+        return JobState(job_id, state, restarts, run_dir, fields.get("Reason", "None"))
     lines = [
         line for line in _command("sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "State").splitlines() if line
     ]
@@ -117,7 +119,8 @@ def status(target: str) -> str:
     run_dir = Path(target) if Path(target).is_dir() else None
     state = job_state(run_jobs(run_dir)[-1] if run_dir else target)
     run_dir = run_dir or state.run_dir
-    lines = [f"job {state.job_id}: {state.state} (requeued {state.restarts} times)"]
+    waiting = f", waiting: {state.reason}" if state.state == "PENDING" and state.reason != "None" else ""
+    lines = [f"job {state.job_id}: {state.state} (requeued {state.restarts} times{waiting})"]
     if run_dir is not None:
         lines.append(f"run directory: {run_dir}")
         metrics = last_metrics(run_dir)
