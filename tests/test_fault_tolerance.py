@@ -260,3 +260,22 @@ def test_more_data_ranks_than_lanes_is_one_error_line(tmp_path, shapes_dataset):
         "pixelflow: error: data.lanes: 2 reading lanes (from data.lanes or ranks x data workers) cannot feed 4 data "
         "ranks; use at most 2 data ranks or start a run with data.lanes >= 4" in done.stderr
     )
+
+
+def test_local_launcher_forwards_sigterm_and_keeps_the_resume_exit_status(tmp_path, shapes_dataset):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, shapes_dataset, "train.steps=5000", "checkpoint.every=1000")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "launch", "local", "configs/demo.yaml", *overrides, "--nproc", "2"],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: logged_step(run_dir) >= 3, "step 3")
+        job.send_signal(signal.SIGTERM)  # to the launcher only: it passes the signal on to every rank
+        assert job.wait(timeout=120) == EXIT_STOPPED
+    finally:
+        kill_tree(job.pid)
+    assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == [f"step_{logged_step(run_dir):08d}"]
