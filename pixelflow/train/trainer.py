@@ -178,6 +178,27 @@ class RunResult:
         return EXIT_STOPPED if self.stopped else EXIT_FINISHED
 
 
+def open_stream(cfg: Config, world: World, state: dict | None) -> DataStream:
+    """This data rank's stream, continuing from a checkpoint's lane cursors when given."""
+    return DataStream(
+        cfg.data.path,
+        cfg.train.global_batch // world.dp_size,
+        cfg.data.resolution,
+        cfg.seed,
+        cfg.data.num_workers,
+        cfg.data.shuffle_block,
+        rank=world.dp_rank,
+        world_size=world.dp_size,
+        state=state,
+        storage_options=storage_options(cfg.data.path, cfg.data.endpoint_url),
+        pin_memory=world.device.type == "cuda",
+        lanes=cfg.data.lanes,
+        retries=cfg.data.retries,
+        retry_wait=cfg.data.retry_wait,
+        ignore_signals=tuple(signal_numbers(cfg.train.stop_signals)),
+    )
+
+
 def train(cfg: Config) -> RunResult:
     """Train (or resume) the run described by cfg."""
     world = init_world(cfg, cfg.train.device)
@@ -205,23 +226,7 @@ def _train(cfg: Config, world: World) -> RunResult:
                 "%s from %s at step %d", "resumed" if source.full else "weights loaded", source.path, progress.step
             )
         run_dir = prepare_run_dir(cfg, world)
-        data = DataStream(
-            cfg.data.path,
-            cfg.train.global_batch // world.dp_size,
-            cfg.data.resolution,
-            cfg.seed,
-            cfg.data.num_workers,
-            cfg.data.shuffle_block,
-            rank=world.dp_rank,
-            world_size=world.dp_size,
-            state=progress.data_state,
-            storage_options=storage_options(cfg.data.path, cfg.data.endpoint_url),
-            pin_memory=world.device.type == "cuda",
-            lanes=cfg.data.lanes,
-            retries=cfg.data.retries,
-            retry_wait=cfg.data.retry_wait,
-            ignore_signals=tuple(signal_numbers(cfg.train.stop_signals)),
-        )
+        data = open_stream(cfg, world, progress.data_state)
         cleanup.callback(data.close)
         progress.stream = data
         step = progress.step
