@@ -254,7 +254,7 @@ def _train(cfg: Config, world: World) -> RunResult:
                 record = window.summary(step, engine.last_lr)
                 if metrics:
                     metrics.log(record)
-            stopping = stop.agreed()
+            stopping = stop.agreed() if step < cfg.train.steps else None  # a signal at the last step: finished
             if stopping or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 progress.step = step
                 checkpointer.save(step, parts, blocking=stopping is not None)
