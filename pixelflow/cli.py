@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
+import traceback
+from pathlib import Path
 
 from pixelflow.compat import ConversionError
 from pixelflow.config import ConfigError, load_config
 from pixelflow.data.shard_format import ShardFormatError
+from pixelflow.data.storage import StorageError
 from pixelflow.train.checkpoint import CheckpointError
+from pixelflow.train.trainer import NonFiniteError
 
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, ConversionError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, ConversionError, StorageError, NonFiniteError)
+REPORT = "this is a bug in pixelflow: please report it with the traceback above"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -26,8 +33,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from pixelflow.train.checkpoint import export
 
     print(f"wrote {export(Path(args.source), Path(args.destination), args.weights)}")
@@ -39,12 +44,41 @@ def _convert_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote {convert_legacy(args.file)}")
 
 
+def check_sample_arguments(args: argparse.Namespace) -> None:
+    """Every sample option checked before any work (a bad --out used to surface after sampling)."""
+    problems = [
+        (args.steps is not None and args.steps < 1, f"--steps {args.steps}: must be at least 1"),
+        (args.per_class < 1, f"--per-class {args.per_class}: must be at least 1"),
+        (args.num < 1, f"--num {args.num}: must be at least 1"),
+        (
+            args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0),
+            f"--cfg {args.cfg}: must be a finite number >= 0",
+        ),
+        (
+            Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"),
+            f"--out {args.out}: must end in .png, .jpg or .jpeg",
+        ),
+        (Path(args.out).is_dir(), f"--out {args.out}: is a directory"),
+    ]
+    parent = next((p for p in Path(args.out).absolute().parents if p.exists()), None)
+    problems.append(
+        (
+            parent is None or not parent.is_dir() or not os.access(parent, os.W_OK),
+            f"--out {args.out}: cannot be written there",
+        )
+    )
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+
+
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
     from pixelflow.generate import generate, load_for_sampling, save_grid
     from pixelflow.parallel.world import resolve_device
 
+    check_sample_arguments(args)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, cfg = load_for_sampling(args.checkpoint, args.weights, device, dtype)
@@ -56,7 +90,7 @@ def _sample(args: argparse.Namespace) -> None:
             raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
         labels = [c for _ in range(args.per_class) for c in classes]  # one column per class
     count = len(labels) if labels is not None else args.num
-    steps = args.steps or cfg.sample.steps_per_stage
+    steps = args.steps if args.steps is not None else cfg.sample.steps_per_stage
     scale = cfg.sample.cfg if args.cfg is None else args.cfg
     with torch.inference_mode():
         images = generate(model, cfg, labels, count, args.seed, steps, scale, device, args.solver or cfg.sample.solver)
@@ -142,12 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, user_errors: tuple[type, ...]) -> int:
     """Run the chosen subcommand; a user error is one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow options (argparse stops collecting them at the first)
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args) or 0
-    except user_errors as exc:
+    except user_errors as exc:  # bad config, data, checkpoint or CLI value: one line, no traceback
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"{parser.prog}: internal error: {REPORT}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

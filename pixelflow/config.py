@@ -6,9 +6,10 @@ Every mistake a user can make in a config (unknown key, wrong type, impossible v
 
 from __future__ import annotations
 
+import math
 import re
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from omegaconf import MISSING, OmegaConf
@@ -70,6 +71,7 @@ class TrainConfig:
     # signals that stop the run after the current step with a committed checkpoint (exit status 75)
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
     log_sample_keys: bool = False  # write the keys each data rank trained on per step (sample_keys/)
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (one line, nothing saved) | skip_step
 
 
 @dataclass
@@ -195,8 +197,25 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config
 
 
+def nonfinite_number(node, prefix: str = "") -> tuple[str, object] | None:
+    """(key, value) of the first float in a config tree that is NaN or infinite (it would train NaN weights)."""
+    for item in fields(node):
+        value, key = getattr(node, item.name), f"{prefix}{item.name}"
+        if is_dataclass(value):
+            found = nonfinite_number(value, key + ".")
+            if found:
+                return found
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return key, value
+    return None
+
+
 def first_problem(cfg: Config) -> tuple[str, str] | None:
     """The first impossible value in cfg as (key, reason), or None when the config can run."""
+    nonfinite = nonfinite_number(cfg)
+    if nonfinite is not None:
+        return nonfinite[0], f"= {nonfinite[1]} must be a finite number"
     m, c, d, t = cfg.model, cfg.cascade, cfg.data, cfg.train
     granule = m.patch_size * 2 ** (c.stages - 1)
     checks: list[tuple[bool, str, str]] = [
@@ -247,6 +266,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (t.log_every >= 1, "train.log_every", f"= {t.log_every} must be at least 1"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision", f"= '{t.precision}' must be auto, fp32 or bf16"),
         (t.device in ("auto", "cpu", "cuda"), "train.device", f"= '{t.device}' must be auto, cpu or cuda"),
+        (t.nonfinite in ("stop", "skip_step"), "train.nonfinite", f"= '{t.nonfinite}' must be stop or skip_step"),
         (cfg.engine in ("fsdp", "deepspeed"), "engine", f"= '{cfg.engine}' must be fsdp or deepspeed"),
         (cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be at least 1"),
         (cfg.parallel.dp_shard >= 0, "parallel.dp_shard", "must be 0 (all remaining ranks) or more"),

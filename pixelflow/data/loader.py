@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pixelflow.config import ConfigError
 from pixelflow.data.decode import DecodeError, decode_crop
 from pixelflow.data.shard_format import Manifest, SampleEntry, ShardFormatError, parse_sample, read_index, read_manifest
-from pixelflow.data.storage import filesystem, with_retries
+from pixelflow.data.storage import StorageError, filesystem, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class LaneReader:
 
     def _load_index(self, shard: int) -> list[SampleEntry]:
         fs, base = self._filesystem()
-        return read_index(fs, base, self.settings.manifest.shards[shard].name)
+        settings = self.settings
+        return read_index(fs, base, settings.manifest.shards[shard].name, settings.retries, settings.retry_wait)
 
     def _epoch_entries(self, epoch: int) -> list[tuple[int, int]]:
         shards = self.settings.manifest.shards
@@ -240,10 +241,16 @@ class DataStream:
         retries: int = 5,
         retry_wait: float = 0.5,
         ignore_signals: tuple[int, ...] = (),
+        num_classes: int = 0,
     ):
         storage_options = storage_options or {}
         fs, root = filesystem(path, **storage_options)
-        manifest = read_manifest(fs, root)
+        manifest = read_manifest(fs, root, retries, retry_wait)
+        if num_classes and (manifest.num_classes or 0) > num_classes:
+            raise ConfigError(
+                f"model.num_classes = {num_classes} but the dataset {path} has {manifest.num_classes} classes"
+            )
+        self.num_classes = num_classes  # labels must lie in 0..num_classes-1 (0: unchecked)
         num_lanes = state["num_lanes"] if state else (lanes or world_size * max(num_workers, 1))
         if num_lanes < world_size:
             fixed = "fixed when the run started" if state else "from data.lanes or ranks x data workers"
@@ -280,7 +287,17 @@ class DataStream:
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except (ShardFormatError, StorageError, ConfigError) as exc:  # from a worker: its message, one line
+            raise type(exc)(str(exc).strip().splitlines()[-1].split(f"{type(exc).__name__}: ", 1)[-1]) from None
+        if self.num_classes:
+            bad = ((batch.labels >= self.num_classes) | (batch.labels < -1)).nonzero().flatten().tolist()
+            if bad:
+                raise ShardFormatError(
+                    f"sample {batch.keys[bad[0]]}: label {int(batch.labels[bad[0]])} outside "
+                    f"0..{self.num_classes - 1} (model.num_classes)"
+                )
         self.positions.update(batch.positions)
         self.batches += 1
         return batch

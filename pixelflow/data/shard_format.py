@@ -108,10 +108,10 @@ class Manifest:
         return Manifest(shards=shards, num_classes=raw.get("num_classes"))
 
 
-def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest:
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str, retries: int = 5, retry_wait: float = 0.5) -> Manifest:
     where = f"{root}/{MANIFEST_NAME}"
     try:
-        text = with_retries(lambda: fs.cat_file(where), where).decode()
+        text = with_retries(lambda: fs.cat_file(where), where, retries, retry_wait).decode()
     except FileNotFoundError:
         raise ShardFormatError(f"{where}: no manifest; is this a dataset written by pixelflow-data?") from None
     return Manifest.from_json(text, where)
@@ -127,10 +127,12 @@ def write_json_atomically(fs: fsspec.AbstractFileSystem, path: str, text: str) -
         fs.pipe_file(path, text.encode())
 
 
-def read_index(fs: fsspec.AbstractFileSystem, root: str, shard: str) -> list[SampleEntry]:
+def read_index(
+    fs: fsspec.AbstractFileSystem, root: str, shard: str, retries: int = 5, retry_wait: float = 0.5
+) -> list[SampleEntry]:
     where = f"{root}/{index_name(shard)}"
     try:
-        raw = json.loads(with_retries(lambda: fs.cat_file(where), where))
+        raw = json.loads(with_retries(lambda: fs.cat_file(where), where, retries, retry_wait))
         return [SampleEntry(**entry) for entry in raw["samples"]]
     except FileNotFoundError:
         raise ShardFormatError(f"{where}: index missing; the shard was never completed") from None

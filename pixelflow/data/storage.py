@@ -22,15 +22,26 @@ PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, No
 TRANSIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
 
 
+# Credentials that are missing or refused: retrying cannot fix them either.
+PERMANENT_NAMES = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError")
+PERMANENT_CODES = ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "(403)")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Storage trouble that may pass: 5xx and throttling (s3fs raises OSError for them), timeouts, dropped
-    connections, and the client libraries' own network errors. Programming errors and missing or forbidden
-    objects are not."""
-    if isinstance(exc, PERMANENT_OS_ERRORS):
+    connections, and the client libraries' own network errors. Programming errors, missing or forbidden
+    objects and missing or refused credentials are not."""
+    if isinstance(exc, PERMANENT_OS_ERRORS) or type(exc).__name__ in PERMANENT_NAMES:
+        return False
+    if any(code in str(exc) for code in PERMANENT_CODES):
         return False
     if isinstance(exc, (OSError, TimeoutError)):
         return True
     return type(exc).__module__.split(".")[0] in TRANSIENT_MODULES
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 class StorageError(OSError):
@@ -63,9 +74,13 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = 5, wait: fl
             return action()
         except Exception as exc:
             if not is_transient(exc):
+                if type(exc).__name__ in PERMANENT_NAMES or any(code in str(exc) for code in PERMANENT_CODES):
+                    raise StorageError(f"{what}: access refused: {type(exc).__name__}: {first_line(exc)}") from None
                 raise
             if attempt >= attempts:
-                raise StorageError(f"{what}: failed after {attempts} attempts: {type(exc).__name__}: {exc}") from exc
+                raise StorageError(
+                    f"{what}: failed after {attempts} attempts: {type(exc).__name__}: {first_line(exc)}"
+                ) from None
             delay = min(wait * 2 ** (attempt - 1), 30.0)
             log.warning("%s: %s; retrying in %.1fs (%d/%d)", what, type(exc).__name__, delay, attempt, attempts)
             time.sleep(delay)

@@ -91,7 +91,7 @@ def resolve_device(name: str, index: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda was asked for but no CUDA device is visible")
+        raise ConfigError("device cuda was asked for but no CUDA device is visible")
     return torch.device("cuda", index) if name == "cuda" else torch.device(name)
 
 

@@ -63,11 +63,13 @@ class FsdpEngine:
         loss.backward()
 
     def step(self) -> torch.Tensor:
-        """Clip (over the sharded norm), step, advance the LR schedule and the EMA; returns the grad norm."""
+        """Clip (over the sharded norm), step, advance the LR schedule and the EMA; returns the grad norm.
+        A non-finite norm (NaN/inf loss or gradient) is never applied: that costs one host sync per step."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        self.optimizer.step()
+        if torch.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_lr = self.lr_schedule.get_last_lr()[0]
         self.lr_schedule.step()

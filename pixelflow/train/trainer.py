@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pixelflow.cascade import CascadeSchedule, build_training_batch, per_sequence_mse
-from pixelflow.config import Config, to_yaml
+from pixelflow.config import Config, ConfigError, to_yaml
 from pixelflow.data.loader import Batch, DataStream, merge_states
 from pixelflow.data.planner import plan_stages
 from pixelflow.data.storage import storage_options
@@ -28,6 +28,10 @@ from pixelflow.train.metrics import MetricsLogger, SampleKeyLog
 from pixelflow.train.signals import EXIT_FINISHED, EXIT_STOPPED, StopSignals, signal_numbers
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient became NaN or infinite (train.nonfinite=stop); the message names the step."""
 
 
 class LossWindow:
@@ -45,7 +49,7 @@ class LossWindow:
         self.sums.zero_()
         self.counts.zero_()
         self.grad_norm.zero_()
-        self.steps, self.started = 0, time.perf_counter()
+        self.steps, self.skipped, self.started = 0, 0, time.perf_counter()
 
     def add(self, per_sample: torch.Tensor, stages: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.sums.index_add_(0, stages, per_sample.detach())
@@ -62,9 +66,11 @@ class LossWindow:
         sums, counts = totals.tolist()
         record = {"step": step, "loss": sum(sums) / max(sum(counts), 1.0)}
         record.update({f"loss_stage{i}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
-        record["grad_norm"] = self.grad_norm.item() / self.steps
+        record["grad_norm"] = self.grad_norm.item() / max(self.steps, 1)
         record["lr"] = lr
-        record["img_per_s"] = self.steps * self.images_per_step / (time.perf_counter() - self.started)
+        record["img_per_s"] = (self.steps + self.skipped) * self.images_per_step / (time.perf_counter() - self.started)
+        if self.skipped:
+            record["skipped_steps"] = self.skipped  # train.nonfinite=skip_step: not in loss and grad_norm
         self.reset()
         return record
 
@@ -129,12 +135,18 @@ def train_step(
 
 
 def prepare_run_dir(cfg: Config, world: World) -> Path:
+    """Create the run directory and write the config (collective: every rank gets rank 0's error)."""
     run_dir = Path(cfg.run_dir)
+    problem = None
     if world.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    if world.distributed:
-        dist.barrier()  # the run directory exists before any rank writes into it
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        except OSError as exc:  # a file in the way, read-only, not creatable
+            problem = f"run_dir: {exc.filename or run_dir}: cannot write the run directory ({exc.strerror or exc})"
+    problem = gather(world, problem)[0]  # also: the directory exists before any rank writes into it
+    if problem:
+        raise ConfigError(problem)
     return run_dir
 
 
@@ -196,6 +208,7 @@ def open_stream(cfg: Config, world: World, state: dict | None) -> DataStream:
         retries=cfg.data.retries,
         retry_wait=cfg.data.retry_wait,
         ignore_signals=tuple(signal_numbers(cfg.train.stop_signals)),
+        num_classes=cfg.model.num_classes,
     )
 
 
@@ -216,7 +229,8 @@ def _train(cfg: Config, world: World) -> RunResult:
         stop = cleanup.enter_context(StopSignals(cfg.train.stop_signals, world))
         engine = build_engine(cfg, world)
         checkpointer = Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint, world, cfg)
-        cleanup.push(lambda failed, *_: checkpointer.close(wait=failed is None))
+        # after an error on one rank the others may never join the save in flight; after one they all share, wait
+        cleanup.push(lambda failed, *_: checkpointer.close(wait=failed is None or failed is NonFiniteError))
         progress = TrainProgress(world)
         parts = {**engine.checkpoint_parts(), "train": progress}
         source = checkpointer.find_resume(cfg.resume)
@@ -225,9 +239,9 @@ def _train(cfg: Config, world: World) -> RunResult:
             log.info(
                 "%s from %s at step %d", "resumed" if source.full else "weights loaded", source.path, progress.step
             )
-        run_dir = prepare_run_dir(cfg, world)
-        data = open_stream(cfg, world, progress.data_state)
+        data = open_stream(cfg, world, progress.data_state)  # a bad dataset stops the run before it writes
         cleanup.callback(data.close)
+        run_dir = prepare_run_dir(cfg, world)
         progress.stream = data
         step = progress.step
         schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
@@ -245,7 +259,17 @@ def _train(cfg: Config, world: World) -> RunResult:
             batch = next(data)
             step += 1
             per_sample, stages, grad_norm = train_step(engine, batch, step, cfg, schedule, world)
-            window.add(per_sample, stages, grad_norm)
+            if not torch.isfinite(grad_norm):  # the same on every rank: the norm is global
+                if cfg.train.nonfinite == "stop" or cfg.engine == "deepspeed":  # DeepSpeed has applied it
+                    raise NonFiniteError(
+                        f"step {step}: the loss or gradient is not finite (grad norm {grad_norm.item()}); stopped "
+                        f"without saving, the newest committed checkpoint is unchanged (train.nonfinite=skip_step "
+                        f"skips such steps instead)"
+                    )
+                log.warning("step %d skipped: the loss or gradient is not finite", step)
+                window.skipped += 1
+            else:
+                window.add(per_sample, stages, grad_norm)
             if keys:
                 keys.log(step, batch.keys)
             if metrics:
