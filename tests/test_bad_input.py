@@ -1,0 +1,179 @@
+"""Hostile and broken input: one clear line naming what and where, nothing written, nothing applied."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pixelflow.cli import main, run_command
+from pixelflow.config import ConfigError, load_config
+from pixelflow.data.shard_format import ShardFormatError
+from pixelflow.train.checkpoint import committed_checkpoints, read_weights
+from pixelflow.train.trainer import NonFiniteError, train
+from tests.conftest import REPO, tiny_config, tiny_overrides
+from tests.s3 import free_port
+
+
+def error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("pixelflow")]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=inf", "'train.lr' = inf must be a finite number"),
+        ("train.betas=[0.9,nan]", "'train.betas' = [0.9, nan] must be a finite number"),
+        ("sample.cfg=-inf", "'sample.cfg' = -inf must be a finite number"),
+    ],
+)
+def test_non_finite_config_numbers_are_config_errors(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "configs" / "demo.yaml", [override])
+    assert str(error.value) == f"command line override: {message}"
+
+
+def all_finite(run_dir) -> bool:
+    return all(
+        all(bool(torch.isfinite(t).all()) for t in read_weights(folder, which)[0].values())
+        for folder in committed_checkpoints(run_dir / "checkpoints")
+        for which in ("model", "ema")
+    )
+
+
+def test_a_diverging_run_stops_naming_the_step_and_commits_no_non_finite_weights(tmp_path, shapes_dataset):
+    cfg = tiny_config(tmp_path / "run", shapes_dataset, "train.lr=1e30", "train.warmup_steps=0", "checkpoint.every=1")
+    with pytest.raises(NonFiniteError, match=r"^step 2: the loss or gradient is not finite \(grad norm nan\)"):
+        train(cfg)
+    assert [p.name for p in committed_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000001"]
+    assert all_finite(tmp_path / "run")
+
+
+def test_skip_step_skips_non_finite_steps_and_never_applies_them(tmp_path, shapes_dataset):
+    overrides = ["train.lr=1e30", "train.warmup_steps=0", "checkpoint.every=2", "train.nonfinite=skip_step"]
+    result = train(tiny_config(tmp_path / "run", shapes_dataset, *overrides))
+    assert result.step == 6
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_steps", 0) for r in records] == [0, 1, 1, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert all_finite(result.run_dir)
+
+
+def test_a_run_directory_that_is_a_file_is_one_line_and_stays_as_it_was(tmp_path, shapes_dataset, capsys):
+    blocker = tmp_path / "run"
+    blocker.write_text("not a directory")
+    assert main(["train", "configs/demo.yaml", *tiny_overrides(blocker, shapes_dataset)]) == 2
+    assert error_lines(capsys) == [
+        f"pixelflow: error: run_dir: {blocker}/checkpoints: cannot write the run directory (Not a directory)"
+    ]
+    assert blocker.read_text() == "not a directory"
+
+
+def test_a_bad_dataset_path_stops_before_the_run_directory_is_made(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", "configs/demo.yaml", "--endpoint-url", "http://127.0.0.1:1", *tiny_overrides(run_dir, tmp_path)]
+    assert main(argv) == 2  # overrides after an option are overrides too
+    assert error_lines(capsys) == [
+        f"pixelflow: error: {tmp_path}/manifest.json: no manifest; is this a dataset written by pixelflow-data?"
+    ]
+    assert not run_dir.exists()
+
+
+def test_internal_errors_print_the_traceback_and_say_it_is_a_bug(capsys):
+    parser = argparse.ArgumentParser(prog="pixelflow")
+    parser.set_defaults(func=lambda args: [][1])
+    assert run_command(parser, [], (ConfigError,)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "IndexError" in err
+    assert err.strip().splitlines()[-1] == (
+        "pixelflow: internal error: this is a bug in pixelflow: please report it with the traceback above"
+    )
+
+
+def test_more_classes_in_the_data_than_the_model_has_is_one_line(tmp_path, shapes_dataset):
+    with pytest.raises(ConfigError, match=r"^model.num_classes = 4 but the dataset .* has 16 classes$"):
+        train(tiny_config(tmp_path / "run", shapes_dataset, "model.num_classes=4"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_outside_the_model_classes_is_one_line_naming_the_sample(tmp_path, shapes_dataset):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dataset, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest.pop("num_classes")  # a dataset that does not say how many classes it has
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardFormatError, match=r"^sample \S+: label \d+ outside 0..3 \(model.num_classes\)$"):
+        train(tiny_config(tmp_path / "run", data, "model.num_classes=4"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--steps", "-3"], "--steps -3: must be at least 1"),
+        (["--per-class", "0"], "--per-class 0: must be at least 1"),
+        (["--cfg", "nan"], "--cfg nan: must be a finite number >= 0"),
+        (["--cfg", "-1"], "--cfg -1.0: must be a finite number >= 0"),
+        (["--out", "grid.gif"], "--out grid.gif: must end in .png, .jpg or .jpeg"),
+        (["--out", "FILE/x.png"], "--out FILE/x.png: cannot be written there"),
+        (["--device", "cuda"], "device cuda was asked for but no CUDA device is visible"),
+    ],
+)
+def test_sample_options_are_checked_before_any_work(tmp_path, capsys, options, message):
+    if options[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda is valid here")
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    options = [option.replace("FILE", str(tmp_path / "FILE")) for option in options]
+    message = message.replace("FILE", str(tmp_path / "FILE"))
+    argv = ["sample", "--checkpoint", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "grid.png"), *options]
+    started = time.perf_counter()
+    assert main(argv) == 2
+    assert error_lines(capsys) == [f"pixelflow: error: {message}"]  # not the missing checkpoint: checked first
+    assert time.perf_counter() - started < 5
+
+
+def test_an_out_path_that_is_a_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "dir.png").mkdir()
+    assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "dir.png")]) == 2
+    assert error_lines(capsys)[-1] == f"pixelflow: error: --out {tmp_path / 'dir.png'}: is a directory"
+
+
+def test_an_unreachable_store_fails_in_one_line_after_the_configured_retries(tmp_path):
+    port = free_port()  # nothing listens there
+    overrides = tiny_overrides(tmp_path / "run", "s3://bucket/data", "data.retries=2", "data.retry_wait=0")
+    command = [sys.executable, "-m", "pixelflow", "train", "configs/demo.yaml", *overrides]
+    command += ["--endpoint-url", f"http://127.0.0.1:{port}"]
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("pixelflow: error: bucket/data/manifest.json: failed after 2 attempts: ")
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_credentials_fail_at_once_without_retries(tmp_path, s3_endpoint):
+    overrides = tiny_overrides(tmp_path / "run", "s3://pixelflow-test/none", "data.retries=5", "data.retry_wait=5")
+    command = [sys.executable, "-m", "pixelflow", "train", "configs/demo.yaml", *overrides]
+    command += ["--endpoint-url", s3_endpoint.endpoint]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none")
+    )
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("pixelflow: error: pixelflow-test/none/manifest.json: access refused: NoCredentialsError")
+    )
+    assert "retrying" not in done.stderr and time.perf_counter() - started < 60
