@@ -16,7 +16,7 @@ import submitit
 
 from launch.job import TrainJob
 from launch.run_dir import code_version, last_metrics, prepare
-from pixelflow.config import Config, SlurmConfig, to_yaml
+from pixelflow.config import URL_CREDENTIALS, Config, SlurmConfig, to_yaml
 from pixelflow.train.checkpoint import committed_checkpoints
 
 JOBS = "jobs.jsonl"
@@ -60,6 +60,12 @@ def executor(folder: Path, slurm: SlurmConfig, max_timeouts: int | None = None) 
 
 def submit(cfg: Config) -> tuple[str, Path]:
     """Submit the training job of cfg (run_dir made absolute); returns (job id, run directory)."""
+    from_environment = "data.endpoint_url" in getattr(cfg, "_env_interpolations", {})
+    if cfg.data.endpoint_url and URL_CREDENTIALS.search(cfg.data.endpoint_url) and not from_environment:
+        raise LaunchError(
+            "data.endpoint_url holds a password, which is never written to disk: give it as "
+            "${oc.env:VARIABLE} so that the job reads it from its environment"
+        )
     run_dir = prepare(cfg)
     job = executor(run_dir / "slurm", cfg.slurm).submit(TrainJob(to_yaml(cfg)))
     record(run_dir, job.job_id, "train")

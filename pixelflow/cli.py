@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from pixelflow.compat import ConversionError
-from pixelflow.config import ConfigError, load_config
+from pixelflow.config import ConfigError, load_config, redact
 from pixelflow.data.shard_format import ShardFormatError
 from pixelflow.data.storage import StorageError
 from pixelflow.train.checkpoint import CheckpointError
@@ -184,7 +184,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, user_er
     try:
         return args.func(args) or 0
     except user_errors as exc:  # bad config, data, checkpoint or CLI value: one line, no traceback
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except Exception:
         traceback.print_exc()

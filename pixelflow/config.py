@@ -7,6 +7,7 @@ Every mistake a user can make in a config (unknown key, wrong type, impossible v
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -184,7 +185,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command line override '{item}': {_explain(exc)}") from None
     try:
-        config: Config = OmegaConf.to_object(cfg)
+        config = _typed(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {_explain(exc)}") from None
 
@@ -334,11 +335,69 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
     return None
 
 
+# Values read from the environment (`${oc.env:...}`) are secrets until shown otherwise: they are written as
+# their interpolation text and blanked out of every line the CLIs print.
+SECRET_VALUES: set[str] = set()
+URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Text with URL passwords (scheme://user:pass@host) and environment-derived values blanked out."""
+    text = URL_CREDENTIALS.sub(r"\1***@", text)
+    for value in sorted(SECRET_VALUES, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def _env_interpolations(node, prefix: str = "") -> dict[str, str]:
+    """{dotted key: interpolation text} of every value that reads the environment."""
+    found = {}
+    for key in node:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(node, key):
+            text = str(node._get_node(key)._value())
+            if "oc.env" in text:
+                found[path] = text
+        elif OmegaConf.is_dict(node._get_node(key)):
+            found.update(_env_interpolations(node[key], path + "."))
+    return found
+
+
+def _typed(conf) -> Config:
+    """The Config of a merged DictConfig; environment-derived values are remembered as such."""
+    raw = _env_interpolations(conf)
+    for text in raw.values():  # registered before anything resolves them, so no error line can show them
+        for name in re.findall(r"oc\.env:\s*([^,}\s]+)", text):
+            value = os.environ.get(name.strip("'\""))
+            if value is not None and len(value) >= 4:
+                SECRET_VALUES.add(value)
+    config: Config = OmegaConf.to_object(conf)
+    config.__dict__["_env_interpolations"] = raw  # not a field: to_yaml writes these back unresolved
+    return config
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML: values from the environment as their `${oc.env:...}` text, URL passwords blanked."""
+    conf = OmegaConf.structured(cfg)
+    for key, text in getattr(cfg, "_env_interpolations", {}).items():
+        OmegaConf.update(conf, key, text, merge=False)
+    return URL_CREDENTIALS.sub(r"\1***@", OmegaConf.to_yaml(conf))
 
 
-def from_yaml(text: str) -> Config:
-    """Rebuild a Config saved with to_yaml (e.g. inside a checkpoint)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    return OmegaConf.to_object(merged)
+def from_yaml(text: str, unset_env_ok: bool = False) -> Config:
+    """Rebuild a Config saved with to_yaml (e.g. inside a checkpoint); `${oc.env:...}` values resolve here.
+    unset_env_ok (sampling, export: they need the model, not the data) puts the schema's default, or
+    "(unset)", where a variable is not set in this environment."""
+    conf = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    if unset_env_ok:
+        defaults = OmegaConf.structured(Config)
+        for key in _env_interpolations(conf):
+            try:
+                OmegaConf.select(conf, key, throw_on_resolution_failure=True)
+            except OmegaConfBaseException:
+                default = OmegaConf.select(defaults, key, throw_on_missing=False)
+                OmegaConf.update(conf, key, "(unset)" if default is None else default, merge=False)
+    try:
+        return _typed(conf)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"saved config: {_explain(exc)}") from None

@@ -177,3 +177,39 @@ def test_missing_credentials_fail_at_once_without_retries(tmp_path, s3_endpoint)
         .startswith("pixelflow: error: pixelflow-test/none/manifest.json: access refused: NoCredentialsError")
     )
     assert "retrying" not in done.stderr and time.perf_counter() - started < 60
+
+
+def test_values_from_the_environment_are_never_written_resolved_nor_printed(
+    tmp_path, shapes_dataset, monkeypatch, capsys
+):
+    monkeypatch.setenv("PIXELFLOW_TEST_DATA", str(shapes_dataset))
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, "${oc.env:PIXELFLOW_TEST_DATA}", "train.steps=1", "checkpoint.every=1")
+    assert main(["train", "configs/demo.yaml", *overrides]) == 0
+    written = [run_dir / "config.yaml", run_dir / "checkpoints" / "step_00000001" / "config.yaml"]
+    for path in written:
+        text = path.read_text()
+        assert "path: ${oc.env:PIXELFLOW_TEST_DATA}" in text and str(shapes_dataset) not in text
+    monkeypatch.delenv("PIXELFLOW_TEST_DATA")  # sampling needs the model, not the data
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "g.png"), "--steps", "1"]) == 0
+
+    monkeypatch.setenv("PIXELFLOW_TEST_DATA", str(shapes_dataset))
+    monkeypatch.setenv("PIXELFLOW_TEST_SECRET", "hunter2-not-a-number")
+    capsys.readouterr()
+    assert main(["train", "configs/demo.yaml", *overrides, "data.resolution=${oc.env:PIXELFLOW_TEST_SECRET}"]) == 2
+    [line] = error_lines(capsys)
+    assert "hunter2" not in line and "'data.resolution'" in line
+
+
+def test_a_password_in_the_endpoint_url_is_redacted_wherever_written_or_printed(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, "s3://bucket/data", "data.retries=1")
+    command = [sys.executable, "-m", "pixelflow", "train", "configs/demo.yaml", *overrides]
+    command += ["data.endpoint_url=http://alice:s3cr3tpass@127.0.0.1:1"]
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 2 and "s3cr3tpass" not in done.stdout + done.stderr
+    from pixelflow.config import to_yaml
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [*overrides, "data.endpoint_url=http://alice:s3cr3tpass@h:9"])
+    assert "endpoint_url: http://***@h:9" in to_yaml(cfg) and "s3cr3tpass" not in to_yaml(cfg)

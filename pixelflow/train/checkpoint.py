@@ -434,11 +434,11 @@ def read_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor
     if (source.path / EXPORT_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
-        cfg = from_yaml((source.path / CONFIG).read_text())
+        cfg = from_yaml((source.path / CONFIG).read_text(), unset_env_ok=True)
         return load_file(source.path / EXPORT_WEIGHTS), cfg
     from pixelflow.model import PixelFlowTransformer
 
-    cfg = from_yaml((source.path / CONFIG).read_text())
+    cfg = from_yaml((source.path / CONFIG).read_text(), unset_env_ok=True)
     with torch.device("meta"):
         names = list(PixelFlowTransformer(cfg.model).state_dict().items())
     template = {f"{which}{SEPARATOR}{name}": torch.empty(t.shape, dtype=torch.float32) for name, t in names}
@@ -450,7 +450,7 @@ def read_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor
 
 def _read_legacy(path: Path, which: str) -> tuple[dict[str, torch.Tensor], Config]:
     state = load_legacy(path)
-    return state[which], from_yaml(state["config"])
+    return state[which], from_yaml(state["config"], unset_env_ok=True)
 
 
 def load_legacy(path: Path) -> dict[str, Any]:
