@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import time
 import pytest
 import torch
 
+from data_tools.synthetic import write_synthetic_dataset
 from pixelflow.cli import main, run_command
 from pixelflow.config import ConfigError, load_config
 from pixelflow.data.shard_format import ShardFormatError
@@ -213,3 +215,73 @@ def test_a_password_in_the_endpoint_url_is_redacted_wherever_written_or_printed(
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [*overrides, "data.endpoint_url=http://alice:s3cr3tpass@h:9"])
     assert "endpoint_url: http://***@h:9" in to_yaml(cfg) and "s3cr3tpass" not in to_yaml(cfg)
+
+
+def edit_json(path, change) -> None:
+    raw = json.loads(path.read_text())
+    raw = change(raw) or raw
+    path.write_text(json.dumps(raw))
+
+
+def index(data):
+    return data / "shard-000000.index.json"
+
+
+DAMAGE = {
+    "negative offset": (
+        lambda d: edit_json(index(d), lambda r: r["samples"][0].update(offset=-512)),
+        r"shard-000000.index.json: entry '\S+' has a negative offset",
+    ),
+    "length past the end": (
+        lambda d: edit_json(index(d), lambda r: r["samples"][-1].update(length=10**9)),
+        r"shard-000000.index.json: entry '\S+' runs past the shard's end",
+    ),
+    "overlapping entries": (
+        lambda d: edit_json(index(d), lambda r: r["samples"][1].update(offset=r["samples"][0]["offset"])),
+        r"shard-000000.index.json: entry '\S+' overlaps the one before it or is empty",
+    ),
+    "member of another key": (
+        lambda d: edit_json(index(d), lambda r: r["samples"][0].update(key=r["samples"][1]["key"] + "x")),
+        r"shard-000000.tar: the member at entry '\S+' belongs to another key",
+    ),
+    "manifest count differs": (
+        lambda d: edit_json(d / "manifest.json", lambda r: r["shards"][0].update(count=31)),
+        r"shard-000000.tar: the manifest says 31 samples, its index lists 32",
+    ),
+    "manifest not an object": (
+        lambda d: (d / "manifest.json").write_text("[1, 2]"),
+        r"manifest.json: not a pixelflow-shards manifest \(a JSON list\)",
+    ),
+    "missing tar": (
+        lambda d: (d / "shard-000000.tar").unlink(),
+        r"shard-000000.tar: shard missing",
+    ),
+    "shard outside the dataset": (
+        lambda d: edit_json(d / "manifest.json", lambda r: r["shards"][0].update(name="../../etc/x.tar")),
+        r"manifest.json: shard entry '../../etc/x.tar' is not a shard of this dataset",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_datasets_stop_with_one_line_naming_the_file_and_entry(tmp_path, damage):
+    data = tmp_path / "data"
+    write_synthetic_dataset(str(data), count=64, per_shard=32, size=40, seed=1)
+    change, message = DAMAGE[damage]
+    change(data)
+    overrides = tiny_overrides(tmp_path / "run", data, "data.shuffle_block=64", "train.global_batch=16", "data.lanes=1")
+    with pytest.raises(ShardFormatError) as error:
+        train(load_config(REPO / "configs" / "demo.yaml", overrides))
+    assert "\n" not in str(error.value)
+    assert re.search(message, str(error.value)), str(error.value)
+    assert committed_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_a_damaged_shard_read_by_a_data_worker_is_still_one_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_synthetic_dataset(str(data), count=64, per_shard=32, size=40, seed=1)
+    DAMAGE["overlapping entries"][0](data)
+    overrides = tiny_overrides(tmp_path / "run", data, "data.num_workers=1", "data.lanes=1", "data.shuffle_block=64")
+    assert main(["train", "configs/demo.yaml", *overrides]) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith(f"pixelflow: error: {data}/shard-000000.index.json: entry ") and "overlaps" in line

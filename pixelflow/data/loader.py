@@ -91,8 +91,13 @@ class LaneReader:
 
     def _load_index(self, shard: int) -> list[SampleEntry]:
         fs, base = self._filesystem()
-        settings = self.settings
-        return read_index(fs, base, settings.manifest.shards[shard].name, settings.retries, settings.retry_wait)
+        settings, info = self.settings, self.settings.manifest.shards[shard]
+        entries = read_index(fs, base, info.name, settings.retries, settings.retry_wait)
+        if len(entries) != info.count:
+            raise ShardFormatError(
+                f"{base}/{info.name}: the manifest says {info.count} samples, its index lists {len(entries)}"
+            )
+        return entries
 
     def _epoch_entries(self, epoch: int) -> list[tuple[int, int]]:
         shards = self.settings.manifest.shards
@@ -130,18 +135,26 @@ class LaneReader:
             index = self._index(shard)
             head, tail = index[entries[first][1]], index[entries[stop - 1][1]]
             path = f"{base}/{self.settings.manifest.shards[shard].name}"
-            raw = with_retries(
-                lambda path=path, head=head, tail=tail: fs.cat_file(
-                    path, start=head.offset, end=tail.offset + tail.length
-                ),
-                f"reading shard {path}",
-                self.settings.retries,
-                self.settings.retry_wait,
-            )
+            try:
+                raw = with_retries(
+                    lambda path=path, head=head, tail=tail: fs.cat_file(
+                        path, start=head.offset, end=tail.offset + tail.length
+                    ),
+                    f"reading shard {path}",
+                    self.settings.retries,
+                    self.settings.retry_wait,
+                )
+            except FileNotFoundError:
+                raise ShardFormatError(f"{path}: shard missing (its index and the manifest name it)") from None
+            if len(raw) != tail.offset + tail.length - head.offset:
+                raise ShardFormatError(f"{path}: shorter than its index says (truncated?)")
             for _, i in entries[first:stop]:
                 entry = index[i]
                 chunk = raw[entry.offset - head.offset : entry.offset - head.offset + entry.length]
-                out.append((entry, parse_sample(chunk, f"{path} sample {entry.key}")))
+                members = parse_sample(chunk, f"{path} sample {entry.key}")
+                if members.get("__key__") != entry.key.encode():
+                    raise ShardFormatError(f"{path}: the member at entry {entry.key!r} belongs to another key")
+                out.append((entry, members))
             first = stop
         return out
 

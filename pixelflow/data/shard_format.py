@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-]*$")
+_SHARD_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.tar$")
 
 
 class ShardFormatError(ValueError):
@@ -94,6 +95,8 @@ class Manifest:
     def from_json(text: str, where: str) -> Manifest:
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ShardFormatError(f"{where}: not a {FORMAT_NAME} manifest (a JSON {type(raw).__name__})")
             if raw.get("format") != FORMAT_NAME:
                 raise ShardFormatError(f"{where}: not a {FORMAT_NAME} manifest")
             if raw.get("version") != FORMAT_VERSION:
@@ -101,7 +104,13 @@ class Manifest:
                     f"{where}: format version {raw.get('version')}, this reader knows {FORMAT_VERSION}"
                 )
             shards = [ShardInfo(str(s["name"]), int(s["count"]), int(s["bytes"])) for s in raw["shards"]]
-        except (KeyError, TypeError, ValueError) as exc:
+            for shard in shards:  # plain names in the dataset folder: a manifest cannot point elsewhere
+                if not _SHARD_PATTERN.match(shard.name) or shard.count < 0 or shard.bytes < 0:
+                    raise ShardFormatError(f"{where}: shard entry {shard.name!r} is not a shard of this dataset")
+            num_classes = raw.get("num_classes")
+            if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
+                raise ShardFormatError(f"{where}: num_classes = {num_classes!r} is not a class count")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, ShardFormatError):
                 raise
             raise ShardFormatError(f"{where}: malformed manifest ({exc})") from None
@@ -133,11 +142,31 @@ def read_index(
     where = f"{root}/{index_name(shard)}"
     try:
         raw = json.loads(with_retries(lambda: fs.cat_file(where), where, retries, retry_wait))
-        return [SampleEntry(**entry) for entry in raw["samples"]]
+        entries = [SampleEntry(**entry) for entry in raw["samples"]]
     except FileNotFoundError:
         raise ShardFormatError(f"{where}: index missing; the shard was never completed") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShardFormatError(f"{where}: malformed index ({exc})") from None
+    check_entries(entries, raw.get("bytes"), where)
+    return entries
+
+
+def check_entries(entries: list[SampleEntry], shard_bytes, where: str) -> None:
+    """Every entry a distinct, in-bounds byte range of the shard, in file order, with a valid key."""
+    end = 0
+    for entry in entries:
+        fields_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (entry.offset, entry.length))
+        if not fields_ok or not isinstance(entry.key, str) or not _KEY_PATTERN.match(entry.key):
+            raise ShardFormatError(f"{where}: entry {entry.key!r} is malformed")
+        if entry.offset < 0:
+            raise ShardFormatError(f"{where}: entry {entry.key!r} has a negative offset")
+        if entry.offset < end or entry.length <= 0:
+            raise ShardFormatError(f"{where}: entry {entry.key!r} overlaps the one before it or is empty")
+        end = entry.offset + entry.length
+        if isinstance(shard_bytes, int) and end > shard_bytes:
+            raise ShardFormatError(f"{where}: entry {entry.key!r} runs past the shard's end ({end} > {shard_bytes})")
+        if entry.label is not None and (not isinstance(entry.label, int) or entry.label < 0):
+            raise ShardFormatError(f"{where}: entry {entry.key!r} has label {entry.label!r}")
 
 
 def index_json(shard: str, entries: list[SampleEntry], total_bytes: int) -> str:
