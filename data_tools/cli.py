@@ -33,6 +33,7 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=64, help="skip images with a shorter side below this")
     parser.add_argument("--max-aspect", type=float, default=4.0, help="skip images longer/shorter side above this")
     parser.add_argument("--max-side", type=int, default=0, help="downscale images larger than this (0 = keep)")
+    parser.add_argument("--max-pixels", type=int, default=50_000_000, help="skip images of more pixels (default 50M)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
     parser.add_argument("--reencode", action="store_true", help="re-encode every image, not only changed ones")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -50,6 +51,7 @@ def run_ingest(args: argparse.Namespace, part: tuple[int, int] | None = None) ->
         max_side=args.max_side,
         quality=args.quality,
         reencode=args.reencode,
+        max_pixels=args.max_pixels,
     )
     report = ingest(
         args.input, args.output, args.kind, options, args.workers, args.endpoint_url, not args.quiet, part=part

@@ -68,6 +68,7 @@ class Options:
     max_side: int = 0  # 0 = keep the size
     quality: int = 95
     reencode: bool = False
+    max_pixels: int = 50_000_000  # larger images are skipped (too_many_pixels), judged from the header
 
 
 @dataclass
@@ -238,6 +239,8 @@ def prepare_image(data: bytes, options: Options) -> tuple[bytes, str, int, int, 
     """(encoded bytes, extension, width, height, conversions made); raises Skip(reason)."""
     try:
         image = Image.open(io.BytesIO(data))
+        if image.size[0] * image.size[1] > options.max_pixels:  # before decoding: a small file can claim a lot
+            raise Skip("too_many_pixels")
         image.load()
     except UnidentifiedImageError:
         raise Skip("not_an_image") from None

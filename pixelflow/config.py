@@ -53,6 +53,8 @@ class DataConfig:
     endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from the AWS environment
     retries: int = 5  # attempts per storage read before the run stops with an error naming the shard
     retry_wait: float = 0.5  # seconds before the first retry, doubling up to 30
+    max_pixels: int = 50_000_000  # images that would decode to more pixels are skipped (read from the header)
+    max_bad_fraction: float = 0.2  # stop when more of the recent samples than this cannot be decoded
 
 
 @dataclass
@@ -250,6 +252,8 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (d.lanes >= 0, "data.lanes", f"= {d.lanes} must not be negative"),
         (d.retries >= 1, "data.retries", f"= {d.retries} must be at least 1"),
         (d.retry_wait >= 0, "data.retry_wait", f"= {d.retry_wait} must not be negative"),
+        (d.max_pixels >= d.resolution**2, "data.max_pixels", f"= {d.max_pixels} must be at least resolution^2"),
+        (0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", f"= {d.max_bad_fraction} must be in [0, 1)"),
         (bool(d.path), "data.path", "must name a dataset directory or s3:// prefix"),
         (t.steps >= 1, "train.steps", f"= {t.steps} must be at least 1"),
         (t.global_batch >= 1, "train.global_batch", f"= {t.global_batch} must be at least 1"),

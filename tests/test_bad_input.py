@@ -285,3 +285,62 @@ def test_a_damaged_shard_read_by_a_data_worker_is_still_one_line(tmp_path, capsy
     assert main(["train", "configs/demo.yaml", *overrides]) == 2
     [line] = error_lines(capsys)
     assert line.startswith(f"pixelflow: error: {data}/shard-000000.index.json: entry ") and "overlaps" in line
+
+
+def bomb_png(side: int) -> bytes:
+    """A valid greyscale PNG of side x side black pixels: a few hundred KB that decode to side^2 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor, rows, parts = zlib.compressobj(9), bytes(side + 1) * 500, []
+    for first in range(0, side, 500):
+        parts.append(compressor.compress(rows[: (side + 1) * min(500, side - first)]))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_from_its_header(tmp_path):
+    from data_tools.ingest import Options, Skip, prepare_image
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(13000))
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(Skip, match="too_many_pixels"):  # ingest
+        prepare_image(bomb.read_bytes(), Options())
+    probe = (  # the loader's decode in a fresh process, whose peak memory says whether it decoded
+        "import resource, sys; from pixelflow.data.decode import DecodeError, decode_rgb\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    decode_rgb(open(sys.argv[1], 'rb').read(), 256)\nexcept DecodeError as e:\n    print(e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(bomb)], capture_output=True, text=True, cwd=REPO)
+    message, grown_kib = done.stdout.splitlines()
+    assert message == "13000 x 13000 pixels, more than data.max_pixels = 50000000"
+    assert int(grown_kib) < 50_000  # decoding it would take 169 MB at one byte per pixel, 507 MB as RGB
+
+
+def test_a_dataset_that_does_not_decode_stops_in_one_line_instead_of_warning_forever(tmp_path):
+    import tarfile
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(str(data), count=192, per_shard=32, size=40, seed=1)
+    for shard in data.glob("*.tar"):  # every image's bytes zeroed in place: offsets stay, nothing decodes
+        with tarfile.open(shard) as tar:
+            spans = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".jpg")]
+        with open(shard, "r+b") as handle:
+            for offset, size in spans:
+                handle.seek(offset)
+                handle.write(b"\0" * size)
+    started = time.perf_counter()
+    with pytest.raises(ShardFormatError) as error:
+        train(load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path / "run", data)))
+    assert re.fullmatch(
+        rf"{data}: 100 of the last 100 samples could not be decoded, more than data.max_bad_fraction = 0.2 "
+        r"\(the last: \S+: .+\)",
+        str(error.value),
+    ), str(error.value)
+    assert time.perf_counter() - started < 60

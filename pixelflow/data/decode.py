@@ -14,24 +14,34 @@ class DecodeError(ValueError):
     """An image that cannot be decoded; the reader skips it and counts it."""
 
 
-def decode_rgb(data: bytes, shorter_side: int) -> np.ndarray:
-    """(H, W, 3) uint8. JPEGs at least twice the needed size decode at reduced DCT scale (draft)."""
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def decode_rgb(data: bytes, shorter_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """(H, W, 3) uint8. JPEGs at least twice the needed size decode at reduced DCT scale (draft); an image
+    that would still decode to more than max_pixels is refused from its header, before any pixel is read
+    (a small PNG can claim 13000 x 13000)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if min(image.size) >= 2 * shorter_side:
                 image.draft("RGB", (shorter_side, shorter_side))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise DecodeError(f"{width} x {height} pixels, more than data.max_pixels = {max_pixels}")
             return np.array(image.convert("RGB"))  # writable, as torch.from_numpy wants
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DecodeError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
-def decode_crop(data: bytes, resolution: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
+def decode_crop(
+    data: bytes, resolution: int, rng: np.random.Generator, flip: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode, resize the shorter side to `resolution`, random square crop, random horizontal flip.
 
     The resize is antialiased bicubic on uint8 through torch's vectorised kernel: within one grey level of
     Pillow's BICUBIC resize (the plain pipeline's) at about a quarter of its cost. Returns (3, R, R) uint8.
     """
-    pixels = torch.from_numpy(decode_rgb(data, resolution)).permute(2, 0, 1)[None]  # channels-last strides
+    pixels = torch.from_numpy(decode_rgb(data, resolution, max_pixels)).permute(2, 0, 1)[None]  # channels-last strides
     height, width = pixels.shape[-2:]
     scale = resolution / min(width, height)
     if scale != 1.0:

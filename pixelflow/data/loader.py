@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import signal
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pixelflow.config import ConfigError
-from pixelflow.data.decode import DecodeError, decode_crop
+from pixelflow.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_crop
 from pixelflow.data.shard_format import Manifest, SampleEntry, ShardFormatError, parse_sample, read_index, read_manifest
 from pixelflow.data.storage import StorageError, filesystem, with_retries
 
@@ -55,6 +56,8 @@ class ReadSettings:
     storage_options: dict = field(default_factory=dict)
     retries: int = 5
     retry_wait: float = 0.5
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bad_fraction: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Sample:
     key: str
     label: int  # -1 when the sample has none
     image: np.ndarray | None  # (3, R, R) uint8; None when the image could not be decoded
+    problem: str = ""  # why not
 
 
 @dataclass(frozen=True)
@@ -177,10 +181,12 @@ class LaneReader:
         label = -1 if entry.label is None else int(entry.label)
         rng = np.random.default_rng([self.settings.seed, epoch, position, self.lane])
         try:
-            image = decode_crop(members[entry.image], self.settings.resolution, rng)
+            image = decode_crop(
+                members[entry.image], self.settings.resolution, rng, max_pixels=self.settings.max_pixels
+            )
         except (DecodeError, KeyError) as exc:
             log.warning("skipping sample %s (lane %d): cannot decode image: %s", entry.key, self.lane, exc)
-            image = None
+            return Sample(position, entry.key, label, None, str(exc))
         return Sample(position, entry.key, label, image)
 
 
@@ -190,6 +196,26 @@ class Batch:
     labels: torch.Tensor  # (B,) int64, -1 = unlabelled
     keys: list[str]
     positions: dict[int, int]  # lane -> samples consumed once this batch is used
+
+
+class BadShare:
+    """Stops a stream whose recent samples mostly fail to decode (a wrong or damaged dataset), instead of
+    skipping and warning forever: more than max_bad_fraction of the last WINDOW samples (after MINIMUM)."""
+
+    WINDOW, MINIMUM = 500, 100
+
+    def __init__(self, settings: ReadSettings):
+        self.settings, self.outcomes = settings, deque(maxlen=self.WINDOW)
+
+    def add(self, sample: Sample) -> None:
+        self.outcomes.append(sample.image is None)
+        bad = sum(self.outcomes)
+        if len(self.outcomes) >= self.MINIMUM and bad > self.settings.max_bad_fraction * len(self.outcomes):
+            raise ShardFormatError(
+                f"{self.settings.path}: {bad} of the last {len(self.outcomes)} samples could not be decoded, more "
+                f"than data.max_bad_fraction = {self.settings.max_bad_fraction} (the last: {sample.key}: "
+                f"{sample.problem or 'decoded'})"
+            )
 
 
 class ShardStream(IterableDataset):
@@ -217,12 +243,14 @@ class ShardStream(IterableDataset):
             return
         readers = {lane: LaneReader(self.settings, lane).samples(self.positions[lane]) for lane in lanes}
         positions = {lane: self.positions[lane] for lane in lanes}
+        recent = BadShare(self.settings)
         while True:
             images, labels, keys = [], [], []
             while len(images) < self.batch_size:
                 lane = min(lanes, key=lambda name: (positions[name], name))
                 sample = next(readers[lane])
                 positions[lane] = sample.position + 1
+                recent.add(sample)
                 if sample.image is not None:
                     images.append(sample.image)
                     labels.append(sample.label)
@@ -255,6 +283,8 @@ class DataStream:
         retry_wait: float = 0.5,
         ignore_signals: tuple[int, ...] = (),
         num_classes: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bad_fraction: float = 0.2,
     ):
         storage_options = storage_options or {}
         fs, root = filesystem(path, **storage_options)
@@ -283,7 +313,17 @@ class DataStream:
         self.batches = int(state["batches"]) if state else 0
         workers = min(num_workers, len(self.lanes))
         settings = ReadSettings(
-            path, manifest, num_lanes, seed, resolution, shuffle_block, storage_options, retries, retry_wait
+            path,
+            manifest,
+            num_lanes,
+            seed,
+            resolution,
+            shuffle_block,
+            storage_options,
+            retries,
+            retry_wait,
+            max_pixels,
+            max_bad_fraction,
         )
         stream = ShardStream(settings, self.lanes, dict(self.positions), batch_size, self.batches % max(workers, 1))
         self._loader = DataLoader(

@@ -209,6 +209,8 @@ def open_stream(cfg: Config, world: World, state: dict | None) -> DataStream:
         retry_wait=cfg.data.retry_wait,
         ignore_signals=tuple(signal_numbers(cfg.train.stop_signals)),
         num_classes=cfg.model.num_classes,
+        max_pixels=cfg.data.max_pixels,
+        max_bad_fraction=cfg.data.max_bad_fraction,
     )
 
 
