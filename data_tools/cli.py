@@ -36,6 +36,11 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=50_000_000, help="skip images of more pixels (default 50M)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
     parser.add_argument("--reencode", action="store_true", help="re-encode every image, not only changed ones")
+    parser.add_argument("--max-file-mb", type=float, default=256.0, help="skip larger input files (default 256)")
+    parser.add_argument(
+        "--allow-outside-root", action="store_true", help="read inputs and captions that resolve outside the input"
+    )
+    parser.add_argument("--create-bucket", action="store_true", help="create the s3:// output bucket if missing")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -52,9 +57,19 @@ def run_ingest(args: argparse.Namespace, part: tuple[int, int] | None = None) ->
         quality=args.quality,
         reencode=args.reencode,
         max_pixels=args.max_pixels,
+        max_file_mb=args.max_file_mb,
+        allow_outside_root=args.allow_outside_root,
     )
     report = ingest(
-        args.input, args.output, args.kind, options, args.workers, args.endpoint_url, not args.quiet, part=part
+        args.input,
+        args.output,
+        args.kind,
+        options,
+        args.workers,
+        args.endpoint_url,
+        not args.quiet,
+        part=part,
+        create_bucket=args.create_bucket,
     )
     text = json.dumps(asdict(report), indent=1)
     if args.report and part is None:

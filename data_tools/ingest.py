@@ -16,10 +16,13 @@ member can escape its directory.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import multiprocessing
+import os
 import re
+import stat
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -69,6 +72,8 @@ class Options:
     quality: int = 95
     reencode: bool = False
     max_pixels: int = 50_000_000  # larger images are skipped (too_many_pixels), judged from the header
+    max_file_mb: float = 256.0  # larger input files are skipped (too_large_file) without being read
+    allow_outside_root: bool = False  # read inputs (or captions) that resolve outside the input root
 
 
 @dataclass
@@ -108,17 +113,50 @@ def detect_kind(source: Path) -> str:
 
 
 def _images_under(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every entry named like an image (files, links, FIFOs, folders...): what is not a regular file inside the
+    root is skipped and counted later, so written + skipped = inputs covers everything found."""
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _read_caption(path: Path) -> tuple[str | None, str | None]:
+def _inside(path: Path, root: Path) -> bool:
+    """Whether path, links resolved, lies inside root (links resolved)."""
+    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
+
+
+def input_problem(path: Path, root: Path, options: Options) -> str | None:
+    """Why an input path cannot be read as an image file, or None; nothing is opened."""
+    if not options.allow_outside_root and not _inside(path, root):
+        return "outside_root"
+    try:
+        status = path.stat()
+    except OSError:
+        return "unreadable"
+    if not stat.S_ISREG(status.st_mode):
+        return "not_a_file"  # folders, FIFOs (reading one hangs), devices (/dev/zero never ends)
+    if status.st_size > options.max_file_mb * 2**20:
+        return "too_large_file"
+    return None
+
+
+def _read_caption(path: Path, root: Path, options: Options) -> tuple[str | None, str | None]:
+    if not path.exists() and not path.is_symlink():
+        return None, "missing_caption"
+    problem = input_problem(path, root, options)
+    if problem:
+        return None, problem
     try:
         text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None, "missing_caption"
     except (UnicodeDecodeError, OSError):
         return None, "bad_caption"
     return (text, None) if text else (None, "missing_caption")
+
+
+def _caption_problem(caption: str | None) -> str | None:
+    try:
+        (caption or "").encode("utf-8")  # a lone surrogate (from JSON "\\ud800") cannot be stored
+    except UnicodeEncodeError:
+        return "bad_caption"
+    return None
 
 
 def _table_rows(table: Path) -> list[dict]:
@@ -145,12 +183,19 @@ def _column(row_keys, names: tuple[str, ...], table: Path, required: bool) -> st
     return None
 
 
-def list_items(source: Path, kind: str) -> tuple[list[Item], list[str] | None]:
-    """Every input in a deterministic order, and the class names for an image folder."""
+def list_items(source: Path, kind: str, options: Options = Options()) -> tuple[list[Item], list[str] | None]:
+    """Every input in a deterministic order, and the class names for an image folder. Inputs are judged
+    here from their paths (outside the root, not a regular file, too large) and skipped with a reason."""
     if kind == "imagefolder":
         classes = sorted(p.name for p in source.iterdir() if p.is_dir())
         items = [
-            Item(sanitize_key(f"{name}-{path.relative_to(source / name).with_suffix('')}"), str(path), name, label)
+            Item(
+                sanitize_key(f"{name}-{path.relative_to(source / name).with_suffix('')}"),
+                str(path),
+                name,
+                label,
+                input_problem(path, source, options),
+            )
             for label, name in enumerate(classes)
             for path in _images_under(source / name)
         ]
@@ -158,39 +203,53 @@ def list_items(source: Path, kind: str) -> tuple[list[Item], list[str] | None]:
     if kind == "captioned":
         items = []
         for path in _images_under(source):
-            caption, problem = _read_caption(path.with_suffix(".txt"))
+            caption, problem = _read_caption(path.with_suffix(".txt"), source, options)
             key = sanitize_key("-".join(path.relative_to(source).with_suffix("").parts))
-            items.append(Item(key, str(path), caption, None, problem))
+            items.append(Item(key, str(path), caption, None, input_problem(path, source, options) or problem))
         return items, None
     rows = _table_rows(source)
-    if not rows:
-        return [], None
-    path_column = _column(rows[0].keys(), PATH_COLUMNS, source, required=True)
-    caption_column = _column(rows[0].keys(), CAPTION_COLUMNS, source, required=True)
-    label_column = _column(rows[0].keys(), LABEL_COLUMNS, source, required=False)
+    objects = [row for row in rows if isinstance(row, dict)]
+    if not objects:
+        return [Item(f"row-{i}", "", None, None, "bad_row") for i in range(len(rows))], None
+    path_column = _column(objects[0].keys(), PATH_COLUMNS, source, required=True)
+    caption_column = _column(objects[0].keys(), CAPTION_COLUMNS, source, required=True)
+    label_column = _column(objects[0].keys(), LABEL_COLUMNS, source, required=False)
     items = []
-    for row in rows:
-        listed = Path(str(row.get(path_column) or ""))
-        image = listed if listed.is_absolute() else source.parent / listed
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict):
+            items.append(Item(f"row-{number}", "", None, None, "bad_row"))
+            continue
+        listed = str(row.get(path_column) or "").strip()
+        if not listed:
+            items.append(Item(f"row-{number}", "", None, None, "empty_path"))
+            continue
+        image = Path(listed) if Path(listed).is_absolute() else source.parent / listed
         caption = str(row.get(caption_column) or "").strip() or None
-        problem = None if caption else "missing_caption"
+        problem = input_problem(image, source.parent, options) or _caption_problem(caption)
+        problem = problem or (None if caption else "missing_caption")
         label = None
         if label_column is not None and row.get(label_column) not in (None, ""):
             try:
                 label = int(row[label_column])
             except (TypeError, ValueError):
                 problem = problem or "bad_label"
-        items.append(Item(sanitize_key(str(listed.with_suffix(""))), str(image), caption, label, problem))
+        items.append(Item(sanitize_key(str(Path(listed).with_suffix(""))), str(image), caption, label, problem))
     return items, None
 
 
 def mark_duplicates(items: list[Item]) -> list[Item]:
-    seen: set[str] = set()
+    """The same source listed twice is a duplicate; different sources whose names sanitise to one key
+    (`a b.jpg`, `a_b.jpg`) get distinct keys (a short hash of the source path appended)."""
+    sources: dict[str, str] = {}
     out = []
     for item in items:
-        if item.key in seen and item.problem is None:
-            item = Item(item.key, item.source, item.caption, item.label, "duplicate_key")
-        seen.add(item.key)
+        if item.key in sources and item.problem is None:
+            if sources[item.key] == item.source:
+                item = Item(item.key, item.source, item.caption, item.label, "duplicate_key")
+            else:
+                suffix = hashlib.sha1(item.source.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+                item = Item(f"{item.key}-{suffix}", item.source, item.caption, item.label, item.problem)
+        sources.setdefault(item.key, item.source)
         out.append(item)
     return out
 
@@ -277,6 +336,20 @@ def prepare_image(data: bytes, options: Options) -> tuple[bytes, str, int, int, 
     return encoded.getvalue(), "jpg", width, height, conversions
 
 
+def shard_fingerprint(job: ShardJob) -> str:
+    """What a shard is made of: its inputs (key, path, size, caption, label, problem) and the options.
+    A rerun reuses a finished shard only when this is unchanged."""
+    described = [asdict(job.options)]
+    for item in job.items:
+        try:
+            size = os.stat(item.source).st_size if item.source and item.problem is None else None
+        except OSError:
+            size = None
+        described.append([item.key, item.source, size, item.caption, item.label, item.problem])
+    text = json.dumps(described, ensure_ascii=True).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(text).hexdigest()
+
+
 @dataclass(frozen=True)
 class ShardJob:
     number: int
@@ -291,10 +364,13 @@ def write_shard(job: ShardJob) -> dict:
     fs, root = filesystem(job.output, **job.storage)
     name = shard_name(job.number)
     report_path = f"{root}/{name[: -len('.tar')]}.report.json"
+    fingerprint = shard_fingerprint(job)
     if fs.exists(f"{root}/{index_name(name)}"):
         part = json.loads(with_retries(lambda: fs.cat_file(report_path), report_path))
-        part["reused"] = True
-        return part
+        if part.get("fingerprint") == fingerprint:
+            part["reused"] = True
+            return part
+        fs.rm(f"{root}/{index_name(name)}")  # other inputs or options than when it was written: redo it
     writer = ShardWriter(fs, root, name)
     skipped, converted = Counter(), Counter()
     for item in job.items:
@@ -303,7 +379,9 @@ def write_shard(job: ShardJob) -> dict:
             continue
         try:
             with open(item.source, "rb") as handle:
-                data = handle.read()
+                data = handle.read(int(job.options.max_file_mb * 2**20) + 1)  # a file that grew since listing
+            if len(data) > job.options.max_file_mb * 2**20:
+                raise Skip("too_large_file")
             encoded, extension, width, height, conversions = prepare_image(data, job.options)
         except Skip as skip:
             skipped[skip.args[0]] += 1
@@ -323,6 +401,7 @@ def write_shard(job: ShardJob) -> dict:
         "converted": dict(converted),
         "shard": asdict(info),
         "max_label": max(labels, default=None),
+        "fingerprint": fingerprint,
     }
     write_json_atomically(fs, report_path, json.dumps(part))
     writer.commit()
@@ -338,6 +417,7 @@ def ingest(
     endpoint_url: str | None = None,
     progress: bool = True,
     part: tuple[int, int] | None = None,
+    create_bucket: bool = False,
 ) -> Report:
     """Ingest `source` into shards under `output` (a directory or s3://bucket/prefix) plus a manifest.
     With part=(i, n), write only every n-th shard from the i-th and no manifest: one task of a job array,
@@ -347,10 +427,12 @@ def ingest(
     kind = kind or detect_kind(source)
     if kind not in KINDS:
         raise IngestError(f"--kind {kind}: must be one of {', '.join(KINDS)}")
-    items, classes = list_items(source, kind)
+    items, classes = list_items(source, kind, options)
     items = mark_duplicates(items)
     storage = storage_options(output, endpoint_url)
     fs, root = filesystem(output, **storage)
+    if output.startswith("s3://") and not create_bucket and not fs.exists(root.split("/")[0]):
+        raise IngestError(f"{output}: bucket {root.split('/')[0]} does not exist; create it or pass --create-bucket")
     fs.makedirs(root, exist_ok=True)
     jobs = [ShardJob(n, group, output, storage, options) for n, group in enumerate(plan_shards(items, options))]
     if part is not None:
