@@ -344,3 +344,128 @@ def test_a_dataset_that_does_not_decode_stops_in_one_line_instead_of_warning_for
         str(error.value),
     ), str(error.value)
     assert time.perf_counter() - started < 60
+
+
+def ingest_quietly(source, output, **options):
+    from data_tools.ingest import Options, ingest
+
+    create_bucket = options.pop("create_bucket", False)
+    endpoint_url = options.pop("endpoint_url", None)
+    return ingest(
+        source,
+        str(output),
+        options=Options(min_size=16, **options),
+        progress=False,
+        create_bucket=create_bucket,
+        endpoint_url=endpoint_url,
+    )
+
+
+def shard_bytes(output) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(output.glob("*.tar")))
+
+
+def test_inputs_outside_the_root_are_refused_unless_allowed(tmp_path):
+    from tests.test_s3_data import photo, save
+
+    outside = tmp_path / "outside.jpg"
+    save(outside, photo(1))
+    folder = tmp_path / "folder"
+    save(folder / "a.jpg", photo(2))
+    (folder / "a.txt").write_text("a caption")
+    (folder / "link.jpg").symlink_to(outside)
+    (folder / "link.txt").write_text("the linked image")
+    save(folder / "b.jpg", photo(3))
+    (folder / "b.txt").symlink_to("/etc/passwd")
+    report = ingest_quietly(folder, tmp_path / "out")
+    assert (report.inputs, report.written, report.skipped) == (3, 1, {"outside_root": 2})
+    assert b"root:" not in shard_bytes(tmp_path / "out")
+
+    table = tmp_path / "table" / "rows.jsonl"
+    save(tmp_path / "table" / "in.jpg", photo(4))
+    rows = [{"image": "in.jpg", "caption": "c"}, {"image": str(outside), "caption": "c"}]
+    rows.append({"image": "../outside.jpg", "caption": "c"})
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = ingest_quietly(table, tmp_path / "table-out")
+    assert (report.written, report.skipped) == (1, {"outside_root": 2})
+    allowed = ingest_quietly(table, tmp_path / "allowed", allow_outside_root=True)
+    assert (allowed.written, allowed.skipped) == (3, {})
+
+
+def test_fifos_devices_and_folders_named_like_images_are_skipped_without_reading(tmp_path):
+    from tests.test_s3_data import photo, save
+
+    folder = tmp_path / "folder" / "cls"
+    save(folder / "good.jpg", photo(1))
+    os.mkfifo(folder / "pipe.jpg")  # opening it for reading would wait forever
+    (folder / "folder.jpg").mkdir()
+    (folder / "zero.jpg").symlink_to("/dev/zero")  # reading it never ends
+    save(folder / "big.jpg", photo(2, size=(300, 300)))
+    command = [sys.executable, "-m", "data_tools", "ingest", str(tmp_path / "folder"), str(tmp_path / "out")]
+    command += ["--min-size", "16", "--max-file-mb", "0.01", "--allow-outside-root", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["written"] == 1 and report["skipped"] == {"not_a_file": 3, "too_large_file": 1}
+    assert report["written"] + sum(report["skipped"].values()) == report["inputs"] == 5
+
+
+def test_broken_table_rows_are_skipped_by_reason(tmp_path):
+    from tests.test_s3_data import photo, save
+
+    save(tmp_path / "t" / "ok.jpg", photo(1))
+    lines = [
+        json.dumps({"image": "ok.jpg", "caption": "fine"}),
+        json.dumps(["not", "an", "object"]),
+        json.dumps({"image": None, "caption": "no path"}),
+        json.dumps({"image": "", "caption": "empty path"}),
+        '{"image": "ok.jpg", "caption": "lone \\ud800 surrogate"}',
+    ]
+    (tmp_path / "t" / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    report = ingest_quietly(tmp_path / "t" / "rows.jsonl", tmp_path / "out")
+    assert report.written == 1
+    assert report.skipped == {"bad_row": 1, "empty_path": 2, "bad_caption": 1}
+    assert report.inputs == 5
+
+
+def test_names_that_sanitise_alike_keep_distinct_keys(tmp_path):
+    from pixelflow.data.shard_format import read_index
+    from pixelflow.data.storage import filesystem
+    from tests.test_s3_data import photo, save
+
+    for i, name in enumerate(["a b", "a_b", "a-b"]):
+        save(tmp_path / "in" / f"{name}.jpg", photo(i))
+        (tmp_path / "in" / f"{name}.txt").write_text(f"caption {i}")
+    report = ingest_quietly(tmp_path / "in", tmp_path / "out")
+    assert (report.written, report.skipped) == (3, {})
+    fs, root = filesystem(str(tmp_path / "out"))
+    keys = [e.key for e in read_index(fs, root, "shard-000000.tar")]
+    assert len(set(keys)) == 3
+
+
+def test_a_rerun_with_other_inputs_or_options_redoes_the_shards(tmp_path):
+    from tests.test_s3_data import photo, save
+
+    for i in range(4):
+        save(tmp_path / "in" / "c" / f"{i}.jpg", photo(i))
+    first = ingest_quietly(tmp_path / "in", tmp_path / "out", per_shard=2)
+    same = ingest_quietly(tmp_path / "in", tmp_path / "out", per_shard=2)
+    assert (first.shards_reused, same.shards_reused) == (0, 2)
+    other = ingest_quietly(tmp_path / "in", tmp_path / "out", per_shard=2, reencode=True, quality=50)
+    assert other.shards_reused == 0 and other.converted == {"reencoded": 4}
+    save(tmp_path / "in" / "c" / "3.jpg", photo(99, size=(64, 50)))  # one input changed
+    changed = ingest_quietly(tmp_path / "in", tmp_path / "out", per_shard=2, reencode=True, quality=50)
+    assert changed.shards_reused == 1
+
+
+def test_ingest_into_a_missing_bucket_is_an_error_unless_asked_to_create_it(tmp_path, s3_endpoint):
+    from data_tools.ingest import IngestError
+    from tests.test_s3_data import photo, save
+
+    save(tmp_path / "in" / "c" / "0.jpg", photo(0))
+    with pytest.raises(IngestError, match=r"^s3://no-such-bucket/x: bucket no-such-bucket does not exist"):
+        ingest_quietly(tmp_path / "in", "s3://no-such-bucket/x", endpoint_url=s3_endpoint.endpoint)
+    made = ingest_quietly(
+        tmp_path / "in", "s3://no-such-bucket/x", endpoint_url=s3_endpoint.endpoint, create_bucket=True
+    )
+    assert made.written == 1
