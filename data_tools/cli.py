@@ -12,7 +12,7 @@ from data_tools.ingest import KINDS, IngestError, Options, Report, ingest
 from data_tools.synthetic import write_synthetic_dataset
 from pixelflow.cli import run_command
 from pixelflow.data.shard_format import ShardFormatError
-from pixelflow.data.storage import storage_options
+from pixelflow.data.storage import StorageError, storage_options
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, (IngestError, ShardFormatError))
+    return run_command(build_parser(), argv, (IngestError, ShardFormatError, StorageError))
 
 
 if __name__ == "__main__":
