@@ -132,11 +132,11 @@ def test_preempted_job_saves_requeues_resumes_and_matches_an_uninterrupted_run(t
 def test_time_limited_job_is_requeued_until_it_completes(tmp_path, shapes_dataset, slurm_cluster):
     run_dir = tmp_path / "run"
     limits = ["slurm.time_min=1", "slurm.signal_delay_s=15", "slurm.cpus_per_task=2", "train.log_every=50"]
-    job = submit(run_dir, shapes_dataset, "train.steps=800", "checkpoint.every=100", *limits)
+    job = submit(run_dir, shapes_dataset, "train.steps=500", "checkpoint.every=100", *limits)
     assert wait_final(job, 600) == "COMPLETED"
     reasons = [entry["reason"] for entry in requeues(run_dir)]
     assert len(reasons) >= 2 and set(reasons) == {"time limit"}
-    assert logged(run_dir)[-1]["step"] == 800
+    assert logged(run_dir)[-1]["step"] == 500
 
 
 def test_cancel_stops_the_job_and_leaves_no_process(tmp_path, shapes_dataset, slurm_cluster):
