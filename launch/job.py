@@ -24,6 +24,7 @@ from pathlib import Path
 
 import submitit
 
+from launch.run_dir import read_records
 from pixelflow.config import from_yaml
 from pixelflow.train.signals import signal_numbers
 
@@ -37,9 +38,7 @@ def master_port(job_id: str) -> int:
 
 
 def timeout_requeues(slurm_dir: Path) -> int:
-    path = slurm_dir / REQUEUE_LOG
-    lines = path.read_text().splitlines() if path.exists() else []
-    return sum(json.loads(line)["reason"] == "time limit" for line in lines if line)
+    return sum(record["reason"] == "time limit" for record in read_records(slurm_dir / REQUEUE_LOG))
 
 
 def preempted(job_id: str) -> bool:

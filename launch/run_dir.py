@@ -36,7 +36,11 @@ def prepare(cfg: Config) -> Path:
     return run_dir
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (metrics, jobs, requeues); none when it does not exist yet."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
 def last_metrics(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line] if path.exists() else []
-    return json.loads(lines[-1]) if lines else None
+    records = read_records(run_dir / "metrics.jsonl")
+    return records[-1] if records else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import submitit
 
 from launch.job import TrainJob
-from launch.run_dir import code_version, last_metrics, prepare
+from launch.run_dir import code_version, last_metrics, prepare, read_records
 from pixelflow.config import URL_CREDENTIALS, Config, SlurmConfig, to_yaml
 from pixelflow.train.checkpoint import committed_checkpoints
 
@@ -83,7 +83,7 @@ def run_jobs(run_dir: Path) -> list[str]:
     path = run_dir / "slurm" / JOBS
     if not path.exists():
         raise LaunchError(f"{run_dir}: no jobs were submitted for this run directory (no slurm/{JOBS})")
-    return [json.loads(line)["job"] for line in path.read_text().splitlines() if line]
+    return [record["job"] for record in read_records(path)]
 
 
 def _command(*args: str) -> str:

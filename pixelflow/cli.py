@@ -15,6 +15,7 @@ from pixelflow.config import ConfigError, load_config, redact
 from pixelflow.data.shard_format import ShardFormatError
 from pixelflow.data.storage import StorageError
 from pixelflow.train.checkpoint import CheckpointError
+from pixelflow.train.signals import EXIT_FAILED, EXIT_USER_ERROR
 from pixelflow.train.trainer import NonFiniteError
 
 USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, ConversionError, StorageError, NonFiniteError)
@@ -185,11 +186,11 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, user_er
         return args.func(args) or 0
     except user_errors as exc:  # bad config, data, checkpoint or CLI value: one line, no traceback
         print(f"{parser.prog}: error: {redact(str(exc))}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except Exception:
         traceback.print_exc()
         print(f"{parser.prog}: internal error: {REPORT}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

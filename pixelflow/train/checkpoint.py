@@ -42,7 +42,6 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor
 
 from pixelflow.config import CheckpointConfig, Config, from_yaml, to_yaml
 from pixelflow.parallel.world import World
@@ -430,7 +429,8 @@ def read_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor
     """(full float32 weights, config) from any checkpoint `resolve_source` accepts; `which` is ema|model."""
     source = resolve_source(Path(path))
     if source.path.is_file():
-        return _read_legacy(source.path, which)
+        state = load_legacy(source.path)
+        return state[which], from_yaml(state["config"], unset_env_ok=True)
     if (source.path / EXPORT_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
@@ -446,11 +446,6 @@ def read_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor
     check_shapes(template, {k: v for k, v in reader.read_metadata().state_dict_metadata.items()}, source.path)
     dcp.load(template, storage_reader=reader, no_dist=True)
     return {key.split(SEPARATOR, 1)[1]: tensor for key, tensor in template.items()}, cfg
-
-
-def _read_legacy(path: Path, which: str) -> tuple[dict[str, torch.Tensor], Config]:
-    state = load_legacy(path)
-    return state[which], from_yaml(state["config"], unset_env_ok=True)
 
 
 def load_legacy(path: Path) -> dict[str, Any]:
@@ -478,7 +473,3 @@ def write_export(destination: Path, weights: dict[str, torch.Tensor], cfg: Confi
 def export(source: Path, destination: Path, which: str = "ema") -> Path:
     weights, cfg = read_weights(source, which)
     return write_export(Path(destination), weights, cfg, f"{source} ({which})")
-
-
-def is_sharded(state: dict[str, Any]) -> bool:
-    return any(isinstance(value, DTensor) for value in state.values())
