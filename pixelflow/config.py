@@ -61,7 +61,10 @@ class DataConfig:
 class TrainConfig:
     steps: int = MISSING
     global_batch: int = 256
-    micro_batch: int = 0  # samples per forward/backward; 0 = the whole global batch at once
+    # token budget of one forward/backward per rank (memory): micro_tokens, else micro_batch full-resolution
+    # images' worth of tokens; both 0 = each rank's whole share at once (see plan: and data/planner.py)
+    micro_batch: int = 0
+    micro_tokens: int = 0
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -75,6 +78,16 @@ class TrainConfig:
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
     log_sample_keys: bool = False  # write the keys each data rank trained on per step (sample_keys/)
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (one line, nothing saved) | skip_step
+
+
+@dataclass
+class PlanConfig:
+    """How the planner shares each step's stages and work out (pixelflow/data/planner.py)."""
+
+    stage_weights: list[float] | None = None  # share of each stage in the global batch; None = uniform
+    # per-token cost that does not scale with d^2 or L^2 (norms, modulation, elementwise), in FLOPs per token
+    # per channel per block; measured by benchmarks/planner.py --calibrate (CPU figure; see RESULTS.md)
+    token_overhead: float = 60.0
 
 
 @dataclass
@@ -143,6 +156,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -214,6 +228,14 @@ def nonfinite_number(node, prefix: str = "") -> tuple[str, object] | None:
     return None
 
 
+def micro_tokens(cfg: Config) -> int:
+    """Tokens one rank may hold in a micro-batch (train.micro_tokens, else micro_batch full-resolution
+    samples' worth); 0 = no limit."""
+    if cfg.train.micro_tokens:
+        return cfg.train.micro_tokens
+    return cfg.train.micro_batch * (cfg.data.resolution // max(cfg.model.patch_size, 1)) ** 2
+
+
 def first_problem(cfg: Config) -> tuple[str, str] | None:
     """The first impossible value in cfg as (key, reason), or None when the config can run."""
     nonfinite = nonfinite_number(cfg)
@@ -221,6 +243,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         return nonfinite[0], f"= {nonfinite[1]} must be a finite number"
     m, c, d, t = cfg.model, cfg.cascade, cfg.data, cfg.train
     granule = m.patch_size * 2 ** (c.stages - 1)
+    top_tokens = (d.resolution // max(m.patch_size, 1)) ** 2
     checks: list[tuple[bool, str, str]] = [
         (c.stages >= 1, "cascade.stages", f"= {c.stages} must be at least 1"),
         (m.patch_size >= 1, "model.patch_size", f"= {m.patch_size} must be at least 1"),
@@ -257,11 +280,25 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (bool(d.path), "data.path", "must name a dataset directory or s3:// prefix"),
         (t.steps >= 1, "train.steps", f"= {t.steps} must be at least 1"),
         (t.global_batch >= 1, "train.global_batch", f"= {t.global_batch} must be at least 1"),
+        (t.micro_batch >= 0, "train.micro_batch", f"= {t.micro_batch} must not be negative"),
+        (t.micro_tokens >= 0, "train.micro_tokens", f"= {t.micro_tokens} must not be negative"),
         (
-            t.micro_batch >= 0 and (t.micro_batch == 0 or t.global_batch % t.micro_batch == 0),
-            "train.micro_batch",
-            f"= {t.micro_batch} must be 0 or divide train.global_batch = {t.global_batch}",
+            not micro_tokens(cfg) or micro_tokens(cfg) * cfg.parallel.sp >= top_tokens,
+            "train.micro_tokens" if t.micro_tokens else "train.micro_batch",
+            f"gives {micro_tokens(cfg)} tokens per micro-batch on each rank, less than one full-resolution sample "
+            f"needs ({top_tokens} tokens over parallel.sp = {cfg.parallel.sp} ranks)",
         ),
+        (
+            cfg.plan.stage_weights is None
+            or (
+                len(cfg.plan.stage_weights) == c.stages
+                and min(cfg.plan.stage_weights) >= 0
+                and sum(cfg.plan.stage_weights) > 0
+            ),
+            "plan.stage_weights",
+            f"= {cfg.plan.stage_weights} must be {c.stages} non-negative numbers (one per stage), not all 0",
+        ),
+        (cfg.plan.token_overhead >= 0, "plan.token_overhead", f"= {cfg.plan.token_overhead} must not be negative"),
         (t.lr > 0, "train.lr", f"= {t.lr} must be positive"),
         (t.weight_decay >= 0, "train.weight_decay", f"= {t.weight_decay} must not be negative"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)"),

@@ -1,6 +1,8 @@
 """Run by the distributed tests under torchrun (or alone, as the one-process reference). Writes JSON.
 
-harness.py train OUT key=value...   5 steps on fixed global batches; records the losses and grad norms
+harness.py train OUT key=value...   5 steps on fixed global batches, each rank training the samples the
+                                    planner gives its unit; records losses, grad norms, the plan's
+                                    micro-batch counts, and (OUT.pt) the final weights and EMA
 harness.py attention OUT SP         Ulysses attention over a mixed-length packed stream vs one process
 harness.py reload OUT CONFIG CHECKPOINT key=value...
                                     load a checkpoint onto this layout, save it again into OUT as loaded
@@ -20,7 +22,7 @@ torch.set_num_threads(1)
 
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
-from pixelflow.data.loader import Batch  # noqa: E402
+from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world, shutdown  # noqa: E402
 from pixelflow.train.engine import build_engine  # noqa: E402
 from pixelflow.train.trainer import LossWindow, train_step  # noqa: E402
@@ -46,23 +48,33 @@ def global_batch(step: int, size: int, resolution: int) -> tuple[torch.Tensor, t
     return images, torch.randint(0, 16, (size,), generator=generator)
 
 
+def full_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """Plain tensors from a state dict of DTensor shards or tensors (collective under FSDP)."""
+    return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for name, t in state.items()}
+
+
 def train(out: Path, overrides: list[str]) -> None:
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY + overrides)
     world = init_world(cfg, "cpu")
     engine = build_engine(cfg, world)
     schedule = CascadeSchedule.build(cfg.cascade.stages)
-    local = cfg.train.global_batch // world.dp_size
-    losses, norms = [], []
+    settings = plan_settings(cfg, world.dp_size)
+    losses, norms, micro_counts = [], [], []
     for step in range(1, cfg.train.steps + 1):
         images, labels = global_batch(step, cfg.train.global_batch, cfg.data.resolution)
-        share = slice(world.dp_rank * local, (world.dp_rank + 1) * local)
+        plan = plan_step(settings, step)
+        mine = torch.from_numpy(plan.samples_of(world.dp_rank))
         window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
-        window.add(*train_step(engine, Batch(images[share], labels[share], [], {}), step, cfg, schedule, world))
+        window.add(train_step(engine, images[mine], labels[mine], plan, step, cfg, schedule, world), plan)
         record = window.summary(step, engine.last_lr)
         losses.append(record["loss"])
         norms.append(record["grad_norm"])
+        micro_counts.append(plan.num_micro)
+    weights = full_tensors(engine.checkpoint_parts()["model"].state_dict())
+    ema = full_tensors(engine.checkpoint_parts()["ema"].state_dict())
     if world.is_main:
-        out.write_text(json.dumps({"losses": losses, "grad_norms": norms}))
+        torch.save({"model": weights, "ema": ema}, out.with_suffix(".pt"))
+        out.write_text(json.dumps({"losses": losses, "grad_norms": norms, "micro_batches": micro_counts}))
     shutdown(world)
 
 

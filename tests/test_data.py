@@ -14,7 +14,6 @@ from PIL import Image
 
 from pixelflow.data.decode import DecodeError, decode_crop
 from pixelflow.data.loader import DataStream, LaneReader, ReadSettings, lane_shards
-from pixelflow.data.planner import plan_stages
 from pixelflow.data.shard_format import (
     Manifest,
     ShardFormatError,
@@ -91,41 +90,56 @@ def take(stream: DataStream, count: int):
     return [next(stream) for _ in range(count)]
 
 
-def test_ranks_and_workers_read_disjoint_deterministic_batches(shapes_dataset):
-    def run(rank):
-        stream = DataStream(
-            str(shapes_dataset), 8, 32, seed=3, num_workers=2, shuffle_block=16, rank=rank, world_size=2
-        )
-        return take(stream, 6)
+def global_batches(root, ranks: int, workers: int, steps: int) -> list[dict[int, tuple[str, bytes]]]:
+    """Per step, slot -> (key, image bytes) of the global batch that `ranks` data ranks read together."""
+    streams = [
+        DataStream(str(root), 8, 32, seed=3, num_workers=workers, shuffle_block=16, rank=rank, world_size=ranks)
+        for rank in range(ranks)
+    ]
+    out = []
+    for _ in range(steps):
+        merged = {}
+        for stream in streams:
+            share = next(stream)
+            for slot, key, image in zip(share.slots.tolist(), share.keys, share.images):
+                assert slot not in merged  # no slot is read twice
+                merged[slot] = (key, image.numpy().tobytes())
+        out.append(merged)
+    for stream in streams:
+        stream.close()
+    return out
 
-    rank0, rank1 = run(0), run(1)
-    keys0 = [k for b in rank0 for k in b.keys]
-    keys1 = [k for b in rank1 for k in b.keys]
-    assert not set(keys0) & set(keys1)
-    assert len(set(keys0)) == len(keys0) == 48
-    again = run(0)
-    assert [b.keys for b in again] == [b.keys for b in rank0]
-    assert all(torch.equal(a.images, b.images) for a, b in zip(again, rank0))
-    assert rank0[0].images.dtype == torch.uint8 and rank0[0].images.shape == (8, 3, 32, 32)
+
+def test_the_global_batch_is_the_same_on_any_number_of_ranks_and_workers(shapes_dataset):
+    reference = global_batches(shapes_dataset, 1, 0, 6)
+    assert all(sorted(batch) == list(range(8)) for batch in reference)
+    keys = [key for batch in reference for key, _ in batch.values()]
+    assert len(set(keys)) == len(keys) == 48
+    for ranks, workers in [(2, 2), (4, 1), (3, 0), (8, 1)]:  # 8 ranks > 6 lanes: two read nothing
+        assert global_batches(shapes_dataset, ranks, workers, 6) == reference, (ranks, workers)
+    first = next(DataStream(str(shapes_dataset), 8, 32, seed=3, num_workers=0, shuffle_block=16))
+    assert first.images.dtype == torch.uint8 and first.images.shape == (8, 3, 32, 32) and first.step == 1
 
 
 def test_resume_from_lane_cursors_continues_exactly(shapes_dataset):
-    def stream(state=None):
-        return DataStream(str(shapes_dataset), 8, 32, seed=3, num_workers=2, shuffle_block=16, state=state)
+    def stream(state=None, first_step=1):
+        return DataStream(
+            str(shapes_dataset), 8, 32, seed=3, num_workers=2, shuffle_block=16, state=state, first_step=first_step
+        )
 
     uninterrupted = stream()
     reference = take(uninterrupted, 9)
     first = stream()
     take(first, 5)
     state = first.state_dict()
-    resumed = take(stream(state), 4)
+    resumed = take(stream(state, 6), 4)
     assert [b.keys for b in resumed] == [b.keys for b in reference[5:]]
     assert all(torch.equal(a.images, b.images) for a, b in zip(resumed, reference[5:]))
 
 
 def test_too_few_shards_for_the_lanes_is_a_clear_error(shapes_dataset):
     with pytest.raises(ShardFormatError, match="6 shards cannot feed 8 reading lanes"):
-        DataStream(str(shapes_dataset), 8, 32, seed=0, num_workers=4, shuffle_block=16, rank=0, world_size=2)
+        DataStream(str(shapes_dataset), 8, 32, seed=0, num_workers=4, shuffle_block=16, lanes=8)
 
 
 def jpeg(colour, size=40) -> bytes:
@@ -161,14 +175,3 @@ def test_decode_resizes_crops_and_rejects_garbage():
     assert abs(int(crop[0].mean()) - 200) <= 2
     with pytest.raises(DecodeError):
         decode_crop(b"garbage", 32, rng)
-
-
-def test_stage_plan_has_exact_shares_and_is_deterministic():
-    for step in range(1, 9):
-        plan = plan_stages(step, 30, 4, seed=1)
-        assert sorted(Counter(plan).values()) == [7, 7, 8, 8]
-        assert plan == plan_stages(step, 30, 4, seed=1)
-        for first in range(0, 28, 4):  # every aligned group of 4 (a micro-batch or rank share) has each stage once
-            assert sorted(plan[first : first + 4]) == [0, 1, 2, 3]
-    over_four_steps = Counter(s for step in range(4) for s in plan_stages(step, 30, 4, seed=1))
-    assert set(over_four_steps.values()) == {30}

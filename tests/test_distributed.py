@@ -75,6 +75,28 @@ def test_fsdp_layouts_train_like_one_process(tmp_path, one_process, procs, layou
     assert_close(result["grad_norms"], one_process["grad_norms"], 1e-5)
 
 
+def relative_difference(got: dict, want: dict) -> float:
+    """|got - want| / |want| over all tensors together (zero-initialised ones make per-tensor ratios moot)."""
+    num = sum(float((got[k].double() - want[k].double()).norm()) ** 2 for k in want)
+    return (num / sum(float(t.double().norm()) ** 2 for t in want.values())) ** 0.5
+
+
+def test_a_planned_split_over_four_ranks_steps_like_one_process(tmp_path):
+    """32 samples over 4 FSDP2 units with 1-top-image micro-batches (3 per step), a clip of 0.01 that acts
+    every step: the same weights and EMA as one process training the whole batch."""
+    overrides = ["train.global_batch=32", "train.micro_tokens=64", "train.grad_clip=0.01", "model.class_dropout=0.1"]
+    whole = harness(tmp_path, 1, "train", *overrides)
+    split = harness(tmp_path, 4, "train", *overrides, "parallel.dp_shard=4")
+    assert min(whole["micro_batches"]) >= 8 and min(split["micro_batches"]) >= 2  # accumulation on both
+    assert min(whole["grad_norms"]) > 0.01  # the clip acts
+    assert_close(split["losses"], whole["losses"], 1e-6)
+    assert_close(split["grad_norms"], whole["grad_norms"], 1e-6)
+    states = [torch.load(path, weights_only=True) for path in sorted(tmp_path.glob("result-*.pt"))]
+    assert len(states) == 2
+    for part in ("model", "ema"):
+        assert relative_difference(states[0][part], states[1][part]) <= 1e-6, part
+
+
 def test_deepspeed_zero3_trains_like_one_process(tmp_path, one_process):
     result = harness(tmp_path, 2, "train", "engine=deepspeed")
     assert_close(result["losses"], one_process["losses"], 1e-4)

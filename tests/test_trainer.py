@@ -29,6 +29,9 @@ def test_run_directory_holds_config_metrics_and_checkpoints(tmp_path, shapes_dat
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "loss_stage0", "loss_stage3", "grad_norm", "img_per_s", "lr"):
         assert all(key in r for r in records), key
+    for r in records:  # one process: one unit, nothing to balance, one layout per step at most
+        assert r["plan_max_over_mean"] == 1.0 and r["busy_max_over_mean"] == 1.0 and r["padding_fraction"] == 0.0
+        assert 1 <= r["graphs"] <= r["step"]
     assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step_00000003", "step_00000006"]
     folder = run_dir / "checkpoints" / "step_00000006"
     assert {".metadata", "__0_0.distcp", "state.json", "config.yaml", "manifest.json"} == {
@@ -36,7 +39,8 @@ def test_run_directory_holds_config_metrics_and_checkpoints(tmp_path, shapes_dat
     }
     state = json.loads((folder / "state.json").read_text())
     assert set(state) == {"model", "ema", "optimizer", "lr_schedule", "train"}
-    assert state["train"]["step"] == 6 and state["train"]["data"]["batches"] == 6
+    data = state["train"]["data"]  # 6 lanes (one per shard); 6 steps x 8 samples of them, none bad
+    assert state["train"]["step"] == 6 and data["num_lanes"] == 6 and sum(data["positions"]) == 48
     assert records[1]["lr"] == pytest.approx(records[2]["lr"]) and records[0]["lr"] < records[1]["lr"]  # warmup 2
 
 

@@ -4,10 +4,14 @@ The dataset is read through a fixed number of *lanes*. Every epoch a seeded perm
 to the lanes round-robin; a lane reads its shards in order, in blocks of `shuffle_block` samples that it
 shuffles with a seeded permutation. A lane's sample sequence is therefore a pure function of
 (seed, lane, number of lanes), and its only state is how many samples were consumed: a checkpoint stores one
-integer per lane and a restart continues exactly, re-reading at most one block. Lanes are dealt to ranks
-and then to DataLoader workers; a worker always takes its next sample from its least-advanced lane, so
-the interleaving is deterministic too. Lanes run on into the next epoch, so no rank ever runs dry, and a
-restart on a different number of ranks deals the same lanes out again from their cursors.
+integer per lane and a restart continues exactly, re-reading at most one block.
+
+The global batch of a step is defined by the lanes alone: its slot j takes the next decodable sample of
+lane ((step - 1) x batch + j) mod lanes. Lanes are dealt to data ranks and then to DataLoader workers, each
+of which reads the slots its lanes serve, so the batch's content and order are the same on any layout and
+any worker count (the trainer then moves each sample to the rank the planner gives it). Lanes run on into
+the next epoch, and a restart on a different number of ranks deals the same lanes out again from their
+cursors.
 
 Each block is fetched with one ranged read per shard it touches, retried with backoff on transient
 storage errors, while the block before it is being decoded.
@@ -191,11 +195,34 @@ class LaneReader:
 
 
 @dataclass
-class Batch:
-    images: torch.Tensor  # (B, 3, R, R) uint8
-    labels: torch.Tensor  # (B,) int64, -1 = unlabelled
+class ReadShare:
+    """The samples of one step's global batch that this rank read: `slots` (ascending) are their indices in
+    the global batch."""
+
+    step: int
+    slots: np.ndarray  # (n,) int64
+    images: torch.Tensor  # (n, 3, R, R) uint8
+    labels: torch.Tensor  # (n,) int64, -1 = unlabelled
     keys: list[str]
-    positions: dict[int, int]  # lane -> samples consumed once this batch is used
+    positions: dict[int, int]  # lane -> samples consumed once this share is used
+
+
+def slot_lanes(step: int, batch_size: int, num_lanes: int) -> np.ndarray:
+    """The lane that serves each slot of a step's global batch: global sample (step-1) x batch + slot goes to
+    lane (that index mod lanes), which gives its next decodable sample. A function of (step, batch, lanes)
+    only, so the global batch is the same on any layout and any number of workers."""
+    return ((step - 1) * batch_size + np.arange(batch_size, dtype=np.int64)) % num_lanes
+
+
+def lane_reader(lane: int, readers: int) -> int:
+    """The data rank that reads a lane (lanes are dealt round-robin)."""
+    return lane % readers
+
+
+def _stack(images: list[np.ndarray], resolution: int) -> torch.Tensor:
+    if not images:
+        return torch.zeros((0, 3, resolution, resolution), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images))
 
 
 class BadShare:
@@ -219,56 +246,66 @@ class BadShare:
 
 
 class ShardStream(IterableDataset):
-    """Batches of one rank's lanes; each DataLoader worker serves a fixed subset of them."""
+    """Per step, the samples of one rank's lanes in the global batch; each DataLoader worker serves a fixed
+    subset of the lanes and yields one share per step (possibly empty), so the loader's round-robin over
+    workers lines up with steps."""
 
     def __init__(
-        self,
-        settings: ReadSettings,
-        lanes: list[int],
-        positions: dict[int, int],
-        batch_size: int,
-        first_worker: int = 0,
+        self, settings: ReadSettings, lanes: list[int], positions: dict[int, int], batch_size: int, first_step: int
     ):
         super().__init__()
         self.settings, self.lanes, self.positions = settings, lanes, positions
-        self.batch_size, self.first_worker = batch_size, first_worker
+        self.batch_size, self.first_step = batch_size, first_step
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[ReadShare]:
         worker = get_worker_info()
-        if worker is None:
-            lanes = self.lanes
-        else:  # the DataLoader asks worker 0 first; rotate so the worker whose turn it was goes first
-            lanes = self.lanes[(worker.id + self.first_worker) % worker.num_workers :: worker.num_workers]
-        if not lanes:
-            return
+        lanes = self.lanes if worker is None else self.lanes[worker.id :: worker.num_workers]
         readers = {lane: LaneReader(self.settings, lane).samples(self.positions[lane]) for lane in lanes}
         positions = {lane: self.positions[lane] for lane in lanes}
         recent = BadShare(self.settings)
+        step = self.first_step
         while True:
+            serving = slot_lanes(step, self.batch_size, self.settings.num_lanes)
+            slots = np.flatnonzero(np.isin(serving, lanes))
             images, labels, keys = [], [], []
-            while len(images) < self.batch_size:
-                lane = min(lanes, key=lambda name: (positions[name], name))
-                sample = next(readers[lane])
-                positions[lane] = sample.position + 1
-                recent.add(sample)
-                if sample.image is not None:
-                    images.append(sample.image)
-                    labels.append(sample.label)
-                    keys.append(sample.key)
-            yield Batch(torch.from_numpy(np.stack(images)), torch.tensor(labels), keys, dict(positions))
+            for slot in slots:
+                lane = int(serving[slot])
+                while True:  # the lane's next decodable sample
+                    sample = next(readers[lane])
+                    positions[lane] = sample.position + 1
+                    recent.add(sample)
+                    if sample.image is not None:
+                        break
+                images.append(sample.image)
+                labels.append(sample.label)
+                keys.append(sample.key)
+            yield ReadShare(
+                step,
+                slots,
+                _stack(images, self.settings.resolution),
+                torch.tensor(labels, dtype=torch.int64),
+                keys,
+                dict(positions),
+            )
+            step += 1
+
+
+DEFAULT_LANES = 16  # when data.lanes is 0 (at most one per shard): the same on every layout
 
 
 class DataStream:
-    """One rank's endless iterator of batches plus the lane cursors a checkpoint needs to resume it.
+    """One data rank's share of every step's global batch, plus the lane cursors a checkpoint needs.
 
+    The global batch of a step is fixed by (seed, step, lanes) alone (`slot_lanes`); this rank reads the
+    slots served by its lanes (lanes are dealt to the data ranks round-robin, then to DataLoader workers).
     `state` is a previous `state_dict()` (merged over ranks); lanes then keep their count and cursors,
-    whatever the number of ranks now.
+    whatever the number of ranks now. `first_step` is the step the first share is for.
     """
 
     def __init__(
         self,
         path: str,
-        batch_size: int,
+        global_batch: int,
         resolution: int,
         seed: int,
         num_workers: int,
@@ -285,6 +322,7 @@ class DataStream:
         num_classes: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bad_fraction: float = 0.2,
+        first_step: int = 1,
     ):
         storage_options = storage_options or {}
         fs, root = filesystem(path, **storage_options)
@@ -294,24 +332,26 @@ class DataStream:
                 f"model.num_classes = {num_classes} but the dataset {path} has {manifest.num_classes} classes"
             )
         self.num_classes = num_classes  # labels must lie in 0..num_classes-1 (0: unchecked)
-        num_lanes = state["num_lanes"] if state else (lanes or world_size * max(num_workers, 1))
-        if num_lanes < world_size:
-            fixed = "fixed when the run started" if state else "from data.lanes or ranks x data workers"
-            raise ConfigError(
-                f"data.lanes: {num_lanes} reading lanes ({fixed}) cannot feed {world_size} data ranks; "
-                f"use at most {num_lanes} data ranks or start a run with data.lanes >= {world_size}"
-            )
+        num_lanes = state["num_lanes"] if state else (lanes or min(DEFAULT_LANES, len(manifest.shards)))
         if len(manifest.shards) < num_lanes:
             raise ShardFormatError(
-                f"{path}: {len(manifest.shards)} shards cannot feed {num_lanes} reading lanes "
-                f"(ranks x data workers); write more, smaller shards or use fewer workers"
+                f"{path}: {len(manifest.shards)} shards cannot feed {num_lanes} reading lanes (data.lanes); "
+                f"write more, smaller shards or use fewer lanes"
             )
-        self.manifest, self.num_lanes = manifest, num_lanes
+        if num_lanes < world_size and rank == 0:
+            log.warning(
+                "%d reading lanes for %d data ranks: %d ranks read nothing and get their samples from the "
+                "others (start a run with data.lanes >= the data ranks to spread the reading)",
+                num_lanes,
+                world_size,
+                world_size - num_lanes,
+            )
+        self.manifest, self.num_lanes, self.resolution = manifest, num_lanes, resolution
+        self.global_batch, self.step = global_batch, first_step
         self.lanes = list(range(rank, num_lanes, world_size))
         saved = state["positions"] if state else [0] * num_lanes
         self.positions = {lane: int(saved[lane]) for lane in self.lanes}
-        self.batches = int(state["batches"]) if state else 0
-        workers = min(num_workers, len(self.lanes))
+        self.workers = max(min(num_workers, len(self.lanes)), 1) if self.lanes else 0
         settings = ReadSettings(
             path,
             manifest,
@@ -325,35 +365,50 @@ class DataStream:
             max_pixels,
             max_bad_fraction,
         )
-        stream = ShardStream(settings, self.lanes, dict(self.positions), batch_size, self.batches % max(workers, 1))
-        self._loader = DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=pin_memory,
-            worker_init_fn=functools.partial(_quiet_worker, ignore_signals),
-            prefetch_factor=2 if workers else None,
-        )
-        self._iterator = iter(self._loader)
+        self._iterator = None
+        if self.lanes:
+            stream = ShardStream(settings, self.lanes, dict(self.positions), global_batch, first_step)
+            self._loader = DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=min(num_workers, len(self.lanes)),
+                pin_memory=pin_memory,
+                worker_init_fn=functools.partial(_quiet_worker, ignore_signals),
+                prefetch_factor=2 if num_workers else None,
+            )
+            self._iterator = iter(self._loader)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[ReadShare]:
         return self
 
-    def __next__(self) -> Batch:
+    def _next_piece(self) -> ReadShare:
         try:
-            batch = next(self._iterator)
+            return next(self._iterator)
         except (ShardFormatError, StorageError, ConfigError) as exc:  # from a worker: its message, one line
             raise type(exc)(str(exc).strip().splitlines()[-1].split(f"{type(exc).__name__}: ", 1)[-1]) from None
+
+    def __next__(self) -> ReadShare:
+        """This rank's samples of the next step's global batch (every worker's piece of it, by slot)."""
+        pieces = [self._next_piece() for _ in range(self.workers)]
+        assert all(piece.step == self.step for piece in pieces), "DataLoader workers out of step"
+        slots = np.concatenate([p.slots for p in pieces]) if pieces else np.zeros(0, dtype=np.int64)
+        order = np.argsort(slots, kind="stable")
+        images = torch.cat([p.images for p in pieces]) if pieces else _stack([], self.resolution)
+        labels = torch.cat([p.labels for p in pieces]) if pieces else torch.zeros(0, dtype=torch.int64)
+        keys = [key for p in pieces for key in p.keys]
+        index = torch.from_numpy(order)
+        share = ReadShare(self.step, slots[order], images[index], labels[index], [keys[i] for i in order], {})
         if self.num_classes:
-            bad = ((batch.labels >= self.num_classes) | (batch.labels < -1)).nonzero().flatten().tolist()
+            bad = ((share.labels >= self.num_classes) | (share.labels < -1)).nonzero().flatten().tolist()
             if bad:
                 raise ShardFormatError(
-                    f"sample {batch.keys[bad[0]]}: label {int(batch.labels[bad[0]])} outside "
+                    f"sample {share.keys[bad[0]]}: label {int(share.labels[bad[0]])} outside "
                     f"0..{self.num_classes - 1} (model.num_classes)"
                 )
-        self.positions.update(batch.positions)
-        self.batches += 1
-        return batch
+        for piece in pieces:
+            self.positions.update(piece.positions)
+        self.step += 1
+        return share
 
     def close(self) -> None:
         """Stop the DataLoader workers now rather than at garbage collection."""
@@ -363,12 +418,11 @@ class DataStream:
             shutdown()
 
     def state_dict(self) -> dict:
-        """Cursors of this rank's lanes (others 0: merge ranks' states with `merge_states`) and the number
-        of batches taken, which fixes whose turn it is among the DataLoader workers."""
+        """Cursors of this rank's lanes (others 0: merge ranks' states with `merge_states`)."""
         positions = [0] * self.num_lanes
         for lane, position in self.positions.items():
             positions[lane] = position
-        return {"num_lanes": self.num_lanes, "positions": positions, "batches": self.batches}
+        return {"num_lanes": self.num_lanes, "positions": positions}
 
 
 def merge_states(states: list[dict]) -> dict:

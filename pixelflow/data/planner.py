@@ -1,20 +1,264 @@
-"""Which cascade stage each sample of a step trains at.
+"""The step plan: the cascade stage of every sample of a global batch, the data-parallel unit that trains
+it and its micro-batch.
 
-Every consecutive group of `stages` samples of the global batch holds each stage once (a seeded
-permutation), and a leftover partial group takes stages rotating with the step. So the step's stage shares
-are exact, any micro-batch or rank share whose size divides by the stage count has exact shares too (all
-micro-batches share one token layout: one compiled graph), and the plan is a pure function of
-(seed, step, global batch): the same however the batch is split over ranks and micro-batches.
+A sample's cost depends on its stage (at 256 px the top stage costs ~100x the bottom one), so dealing
+equal sample counts to ranks leaves them several-fold apart in work when each holds one or two images.
+The planner balances predicted cost instead:
+
+1. Stage counts are exact shares of the batch (`weights`; a fractional remainder goes to stages drawn
+   with the step's seed), and a seeded permutation says which sample gets which stage.
+2. Samples are dealt to units longest-first, each to the least loaded unit (LPT). Samples of one stage
+   cost the same, so a stage is dealt at once by water-filling over integer costs: exact LPT, fast at
+   thousands of units.
+3. Each unit's samples are packed into micro-batches of at most `unit_budget` tokens, and every unit runs
+   the same number of them (FSDP's collectives and DeepSpeed's accumulation boundary need it): units that
+   need fewer split theirs, and a unit with fewer samples than micro-batches runs padding ones.
+
+An SP group is one unit (its ranks share each micro-batch, with sp x the token budget). The plan is a pure
+function of (seed, step, settings), so a resume replans the same step identically, and a resume on another
+layout plans the same global batch over the new units.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
+from pixelflow.config import Config, micro_tokens
 
-def plan_stages(step: int, count: int, stages: int, seed: int) -> list[int]:
-    rng = np.random.default_rng([seed, step, 0x57A6E])
-    whole, remainder = divmod(count, stages)
-    plan = [stage for _ in range(whole) for stage in rng.permutation(stages).tolist()]
-    leftover = [(step * remainder + i) % stages for i in range(remainder)]
-    return plan + rng.permutation(leftover).tolist()
+MEGA = 1_000_000  # costs are integers in millions of FLOPs: exact ties, no overflow at 1024 px x 16k samples
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Training FLOPs of one sample of L tokens: depth x (24 d^2 L + 4 d L^2 + overhead d L). The first two
+    terms are the matmuls and attention (forward and backward); `overhead` (per token and channel, in
+    FLOP-equivalents) covers what does not scale with d^2 or L^2: norms, modulation, elementwise, launches.
+    It is calibrated per hardware (benchmarks/planner.py --calibrate)."""
+
+    depth: int
+    dim: int
+    overhead: float = 0.0
+
+    def flops(self, tokens: int) -> float:
+        return self.depth * (24 * self.dim**2 * tokens + 4 * self.dim * tokens**2 + self.overhead * self.dim * tokens)
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What the model, resolution and layout fix for every step of a run."""
+
+    batch: int  # samples in the global batch
+    stage_tokens: tuple[int, ...]  # tokens of one sample at each stage, lowest stage first
+    weights: tuple[float, ...]  # share of the batch per stage (normalised)
+    units: int  # data-parallel units: data ranks, an SP group counting once
+    unit_budget: int  # tokens per micro-batch of one unit (sp x the per-rank budget); 0 = no limit
+    cost: CostModel
+    seed: int = 0
+
+    @property
+    def stages(self) -> int:
+        return len(self.stage_tokens)
+
+    @functools.cached_property
+    def stage_costs(self) -> np.ndarray:
+        """Integer cost of one sample per stage (millions of FLOPs, at least 1)."""
+        return np.array([max(1, math.ceil(self.cost.flops(t) / MEGA)) for t in self.stage_tokens], dtype=np.int64)
+
+    def check(self) -> str | None:
+        """Why these settings cannot be planned, or None."""
+        if self.unit_budget and max(self.stage_tokens) > self.unit_budget:
+            return (
+                f"a top-stage sample has {max(self.stage_tokens)} tokens, more than one micro-batch may hold "
+                f"({self.unit_budget} tokens per data-parallel unit)"
+            )
+        if len(self.weights) != self.stages or min(self.weights) < 0 or sum(self.weights) <= 0:
+            return f"stage weights {list(self.weights)} must be {self.stages} non-negative numbers, not all 0"
+        return None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    settings: PlanSettings
+    stages: np.ndarray  # (B,) stage of every sample of the global batch
+    units: np.ndarray  # (B,) the unit that trains it
+    micro: np.ndarray  # (B,) its micro-batch within the unit
+    num_micro: int  # micro-batches every unit runs
+    unit_costs: np.ndarray  # (units,) predicted cost (millions of FLOPs)
+
+    def micro_batches(self, unit: int) -> list[np.ndarray]:
+        """A unit's micro-batches: sample indices, highest stage first then by index (may be empty: padding)."""
+        mine = np.flatnonzero(self.units == unit)
+        order = mine[np.lexsort((mine, -self.stages[mine], self.micro[mine]))]
+        return [order[self.micro[order] == m] for m in range(self.num_micro)]
+
+    def samples_of(self, unit: int) -> np.ndarray:
+        """The unit's samples in the order it receives them: ascending index."""
+        return np.flatnonzero(self.units == unit)
+
+    @property
+    def max_over_mean(self) -> float:
+        return float(self.unit_costs.max() / self.unit_costs.mean())
+
+    @property
+    def lower_bound(self) -> float:
+        return cost_lower_bound(
+            self.settings.stage_costs, np.bincount(self.stages, minlength=self.settings.stages), self.settings.units
+        )
+
+
+def stage_counts(settings: PlanSettings, step: int) -> np.ndarray:
+    """Samples per stage: floor of each share, the remainder to stages drawn by fractional part."""
+    weights = np.asarray(settings.weights, dtype=np.float64)
+    quota = settings.batch * weights / weights.sum()
+    counts = np.floor(quota + 1e-9).astype(np.int64)
+    remainder = settings.batch - int(counts.sum())
+    if remainder:
+        fraction = np.clip(quota - counts, 0, None)
+        rng = np.random.default_rng([settings.seed, step, 0x5A4E])
+        chosen = rng.choice(settings.stages, size=remainder, replace=False, p=fraction / fraction.sum())
+        counts[chosen] += 1
+    return counts
+
+
+def water_fill(loads: np.ndarray, cost: int, count: int) -> np.ndarray:
+    """How many of `count` items of one cost each unit gets when every item in turn goes to the least loaded
+    unit (lowest index on ties), without the loop: the items take the `count` smallest values
+    load_u + j * cost, found by a binary search over the threshold."""
+    if count == 0:
+        return np.zeros_like(loads)
+
+    def at_most(value: int) -> int:
+        return int(np.maximum((value - loads) // cost + 1, 0).sum())
+
+    per_unit = -(-count // len(loads))
+    low, high = int(loads.min()), min(int(loads.min()) + count * cost, int(loads.max()) + per_unit * cost)
+    while low < high:
+        middle = (low + high) // 2
+        if at_most(middle) >= count:
+            high = middle
+        else:
+            low = middle + 1
+    taken = np.maximum((low - 1 - loads) // cost + 1, 0)  # slots strictly below the threshold
+    ties = np.flatnonzero((loads <= low) & ((low - loads) % cost == 0))
+    taken[ties[: count - int(taken.sum())]] += 1
+    return taken
+
+
+def cost_lower_bound(stage_costs: np.ndarray, counts: np.ndarray, units: int) -> float:
+    """No assignment beats this max/mean: among the k costliest kinds, some unit holds ceil(n_k / units)
+    samples each costing at least c_k."""
+    total = float((stage_costs * counts).sum())
+    mean = total / units
+    bound, held = mean, 0
+    for stage in np.argsort(-stage_costs, kind="stable"):
+        held += int(counts[stage])
+        if held:
+            bound = max(bound, math.ceil(held / units) * float(stage_costs[stage]))
+    return bound / mean
+
+
+@functools.lru_cache(maxsize=4096)
+def pack(tokens: tuple[int, ...], budget: int, bins: int) -> tuple[int, ...]:
+    """Micro-batch of each item (tokens sorted descending) for exactly `bins` micro-batches of <= budget
+    tokens: worst-fit decreasing (balanced sizes); when that overflows, first-fit decreasing and then the
+    fullest micro-batches halved. Fewer items than bins leaves some empty."""
+    loads = [0] * bins
+    chosen = []
+    for size in tokens:
+        target = min(range(bins), key=lambda b: (loads[b], b))
+        loads[target] += size
+        chosen.append(target)
+    if not budget or max(loads) <= budget:
+        return tuple(chosen)
+    groups = first_fit(tokens, budget)
+    while len(groups) < bins and any(len(g) > 1 for g in groups):
+        widest = max(range(len(groups)), key=lambda g: (len(groups[g]), -g))
+        group = groups.pop(widest)
+        groups[widest:widest] = [group[0::2], group[1::2]]
+    out = [0] * len(tokens)
+    for index, group in enumerate(groups):
+        for item in group:
+            out[item] = index
+    return tuple(out)
+
+
+def first_fit(tokens: Sequence[int], budget: int) -> list[list[int]]:
+    """Items (by position, tokens sorted descending) in first-fit micro-batches of <= budget tokens."""
+    groups: list[list[int]] = []
+    loads: list[int] = []
+    for item, size in enumerate(tokens):
+        for index, load in enumerate(loads):
+            if load + size <= budget:
+                groups[index].append(item)
+                loads[index] += size
+                break
+        else:
+            groups.append([item])
+            loads.append(size)
+    return groups
+
+
+def plan_step(settings: PlanSettings, step: int) -> StepPlan:
+    """The plan of one step (deterministic in settings and step)."""
+    counts = stage_counts(settings, step)
+    stage_list = np.repeat(np.arange(settings.stages), counts)
+    stages = np.random.default_rng([settings.seed, step, 0x57A6E]).permutation(stage_list)
+    costs = settings.stage_costs
+    loads = np.zeros(settings.units, dtype=np.int64)
+    per_unit = np.zeros((settings.units, settings.stages), dtype=np.int64)
+    units = np.empty(settings.batch, dtype=np.int64)
+    rank_in_unit = np.empty(settings.batch, dtype=np.int64)  # among the unit's samples of the same stage
+    for stage in np.argsort(-costs, kind="stable"):
+        taken = water_fill(loads, int(costs[stage]), int(counts[stage]))
+        loads += taken * costs[stage]
+        per_unit[:, stage] = taken
+        members = np.flatnonzero(stages == stage)  # dealt by index to the units in order
+        units[members] = owner = np.repeat(np.arange(settings.units), taken)
+        rank_in_unit[members] = np.arange(len(members)) - (np.cumsum(taken) - taken)[owner]
+    # micro-batches: units with the same stage counts pack alike, so pack each distinct composition once
+    radix = int(per_unit.max()) + 1
+    keys = per_unit @ (radix ** np.arange(settings.stages, dtype=np.int64))
+    _, first, which = np.unique(keys, return_index=True, return_inverse=True)
+    compositions = per_unit[first]
+    descending = np.argsort(-np.asarray(settings.stage_tokens), kind="stable")
+
+    def tokens_of(row: np.ndarray) -> tuple[int, ...]:
+        return tuple(settings.stage_tokens[s] for s in descending for _ in range(int(row[s])))
+
+    budget = settings.unit_budget
+    needed = [len(first_fit(tokens_of(row), budget)) if budget else 1 for row in compositions]
+    num_micro = max(needed)
+    # template[c, offset[c, s] + r]: micro-batch of the r-th stage-s sample of a unit with composition c
+    templates = np.zeros((len(compositions), int(per_unit.sum(1).max())), dtype=np.int64)
+    offsets = np.zeros_like(compositions)
+    for c, row in enumerate(compositions):
+        packed = pack(tokens_of(row), budget, num_micro)
+        templates[c, : len(packed)] = packed
+        offsets[c, descending] = np.cumsum(row[descending]) - row[descending]
+    kind = which.reshape(-1)[units]
+    micro = templates[kind, offsets[kind, stages] + rank_in_unit]
+    return StepPlan(settings, stages, units, micro, num_micro, loads)
+
+
+def stage_tokens(resolution: int, patch_size: int, stages: int) -> tuple[int, ...]:
+    """Tokens of one sample at each cascade stage (stage s has side resolution / 2^(S-1-s))."""
+    return tuple((resolution // 2 ** (stages - 1 - s) // patch_size) ** 2 for s in range(stages))
+
+
+def plan_settings(cfg: Config, units: int) -> PlanSettings:
+    """The planner's settings for a run on `units` data-parallel units."""
+    stages = cfg.cascade.stages
+    return PlanSettings(
+        batch=cfg.train.global_batch,
+        stage_tokens=stage_tokens(cfg.data.resolution, cfg.model.patch_size, stages),
+        weights=tuple(cfg.plan.stage_weights or [1.0] * stages),
+        units=units,
+        unit_budget=micro_tokens(cfg) * cfg.parallel.sp,
+        cost=CostModel(cfg.model.depth, cfg.model.num_heads * cfg.model.head_dim, cfg.plan.token_overhead),
+        seed=cfg.seed,
+    )

@@ -74,15 +74,6 @@ def layout_for(cfg: Config, size: int) -> tuple[int, int, int]:
             f"parallel.dp_replicate x dp_shard x sp = {replicate} x {shard or '?'} x {sp} does not match the "
             f"{size} processes started"
         )
-    if cfg.train.global_batch % (replicate * shard):
-        raise ConfigError(
-            f"train.global_batch = {cfg.train.global_batch} must divide over {replicate * shard} data ranks"
-        )
-    local = cfg.train.global_batch // (replicate * shard)
-    if cfg.train.micro_batch and local % cfg.train.micro_batch:
-        raise ConfigError(
-            f"train.micro_batch = {cfg.train.micro_batch} must divide the {local} samples each data rank takes"
-        )
     return replicate, shard, sp
 
 

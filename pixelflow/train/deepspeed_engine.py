@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-3 behind the trainer's engine interface.
 
-Config-driven: micro-batch, accumulation and clipping come from our config; a torch AdamW is passed in,
-so no fused optimizer op is JIT-built; bf16 on CUDA. The EMA is kept over each rank's ZeRO-3 partition of
+Config-driven: the trainer marks the last of its planned micro-batches as the accumulation boundary;
+clipping comes from our config; a torch AdamW is passed in, so no fused optimizer op is JIT-built; bf16
+on CUDA. The EMA is kept over each rank's ZeRO-3 partition of
 every parameter (no gather per step). Checkpoints hold full model and EMA weights (loadable into a plain
 model) plus DeepSpeed's own sharded optimizer state in the step folder's `deepspeed/`.
 """
@@ -75,13 +76,10 @@ class DeepSpeedEngine:
         model = initial_model(cfg)
         set_attention_backend(model, cfg.model.attention, world.device.type)
         optimizer, lr_schedule = build_optimizer(model, cfg.train)
-        local = cfg.train.global_batch // world.dp_size
-        micro = cfg.train.micro_batch or local
-        self.accumulation = local // micro
-        config = {
-            "train_batch_size": cfg.train.global_batch,
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": self.accumulation,
+        config = {  # nominal sizes: the planner's micro-batches vary, the trainer marks the step's last one
+            "train_batch_size": world.dp_size,
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.train.grad_clip,
             "zero_optimization": {"stage": 3, "memory_efficient_linear": False},  # plain F.linear: autocast works
             "bf16": {"enabled": world.device.type == "cuda"},
@@ -96,11 +94,13 @@ class DeepSpeedEngine:
         self.ema = PartitionEMA(self.engine.module, cfg.train.ema_decay)
         self.last_lr = self._next_lr = self.lr_schedule.get_last_lr()[0]
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """DeepSpeed divides each micro-batch's loss by the accumulation steps; ours is already a share of
-        the step's mean, so it is scaled back first. DeepSpeed steps at the accumulation boundary."""
-        self.engine.backward(loss * self.accumulation)
-        self.engine.step()
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """The loss is already this micro-batch's share of the step's mean (no scaling by accumulation
+        steps); the step's last micro-batch is DeepSpeed's accumulation boundary, where it reduces and steps."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if last:
+            self.engine.step()
 
     def step(self) -> torch.Tensor:
         """DeepSpeed already stepped (and advanced the schedule) at the last micro-batch; record and EMA."""

@@ -1,6 +1,6 @@
 """Training engines: what owns the model, optimizer, LR schedule and EMA, behind one small interface.
 
-The trainer calls `model(...)` for forward passes, `backward(loss)` once per micro-batch, `step()` once per
+The trainer calls `model(...)` for forward passes, `backward(loss, last)` once per micro-batch, `step()` once per
 optimizer step, and `checkpoint_parts()` for checkpoints. `FsdpEngine` is the plain model on
 one process and FSDP2/HSDP across several; `pixelflow.train.deepspeed_engine.DeepSpeedEngine` drives
 DeepSpeed ZeRO-3. Each hands the checkpointer its state as named parts (`checkpoint_parts()`).
@@ -35,7 +35,9 @@ class Engine(Protocol):
     model: torch.nn.Module
     last_lr: float
 
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate one micro-batch's gradients; `last` marks the step's final micro-batch."""
+        ...
 
     def step(self) -> torch.Tensor: ...
 
@@ -59,7 +61,7 @@ class FsdpEngine:
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.last_lr = self.lr_schedule.get_last_lr()[0]
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
     def step(self) -> torch.Tensor:

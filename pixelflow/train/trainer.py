@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,10 +16,11 @@ import torch.distributed as dist
 
 from pixelflow.cascade import CascadeSchedule, build_training_batch, per_sequence_mse
 from pixelflow.config import Config, ConfigError, to_yaml
-from pixelflow.data.loader import Batch, DataStream, merge_states
-from pixelflow.data.planner import plan_stages
+from pixelflow.data.exchange import exchange
+from pixelflow.data.loader import DataStream, lane_reader, merge_states, slot_lanes
+from pixelflow.data.planner import StepPlan, plan_settings, plan_step
 from pixelflow.data.storage import storage_options
-from pixelflow.model.layout import stream_pieces
+from pixelflow.model.layout import stream_pieces, to_device
 from pixelflow.parallel.ulysses import sp_slice
 from pixelflow.parallel.world import World, init_world, shutdown
 from pixelflow.train.checkpoint import Checkpointer
@@ -34,15 +35,29 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient became NaN or infinite (train.nonfinite=stop); the message names the step."""
 
 
+@dataclass
+class StepOutcome:
+    """What one rank's step produced, for the loss window."""
+
+    per_sample: torch.Tensor  # (n,) this rank's share of each of its samples' loss
+    stages: torch.Tensor  # (n,) their stages
+    grad_norm: torch.Tensor
+    busy_s: float  # forward/backward time on this rank
+    tokens: int  # tokens this rank ran, padding included
+    padding: int  # padding tokens among them (SP slices, padding micro-batches)
+    layouts: set = field(default_factory=set)  # the micro-batch layouts run (each a compiled graph)
+
+
 class LossWindow:
-    """Per-stage loss sums since the last log, kept on the device (no host sync per step); summed over
-    ranks at log time."""
+    """Per-stage loss sums and step statistics since the last log, kept on the device (no host sync per
+    step); summed over ranks at log time."""
 
     def __init__(self, stages: int, world: World, images_per_step: int):
         self.world, self.images_per_step = world, images_per_step
         self.sums = torch.zeros(stages, device=world.device)
         self.counts = torch.zeros(stages, device=world.device)
         self.grad_norm = torch.zeros((), device=world.device)
+        self.layouts: set = set()  # for the whole run: how many graphs a compiled model has built
         self.reset()
 
     def reset(self) -> None:
@@ -50,29 +65,59 @@ class LossWindow:
         self.counts.zero_()
         self.grad_norm.zero_()
         self.steps, self.skipped, self.started = 0, 0, time.perf_counter()
+        self.busy_s, self.tokens, self.padding, self.predicted = 0.0, 0, 0, 0.0
 
-    def add(self, per_sample: torch.Tensor, stages: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.sums.index_add_(0, stages, per_sample.detach())
+    def add(self, outcome: StepOutcome, plan: StepPlan | None = None) -> None:
+        self.sums.index_add_(0, outcome.stages, outcome.per_sample.detach())
         counted = 1.0 if self.world.sp_rank == 0 else 0.0  # an SP group's ranks share their samples
-        self.counts.index_add_(0, stages, torch.full_like(per_sample, counted))
-        self.grad_norm += grad_norm.detach().to(self.grad_norm.device)
+        self.counts.index_add_(0, outcome.stages, torch.full_like(outcome.per_sample, counted))
+        self.grad_norm += outcome.grad_norm.detach().to(self.grad_norm.device)
         self.steps += 1
+        self.count(outcome, plan)
+
+    def count(self, outcome: StepOutcome, plan: StepPlan | None) -> None:
+        """The statistics of a step, trained or skipped."""
+        self.busy_s += outcome.busy_s
+        self.tokens += outcome.tokens
+        self.padding += outcome.padding
+        self.layouts |= outcome.layouts
+        self.predicted += plan.max_over_mean if plan is not None else 1.0
 
     def summary(self, step: int, lr: float) -> dict:
         """The logged record (collective: every rank calls it at the same steps)."""
-        totals = torch.stack([self.sums, self.counts])
+        steps = self.steps + self.skipped
+        summed = torch.cat([self.sums, self.counts, self.sums.new_tensor([self.busy_s, self.tokens, self.padding])])
+        largest = self.sums.new_tensor([self.busy_s, len(self.layouts)])
         if self.world.distributed:
-            dist.all_reduce(totals)
-        sums, counts = totals.tolist()
+            dist.all_reduce(summed)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        stages = len(self.sums)
+        sums, counts = summed[:stages].tolist(), summed[stages : 2 * stages].tolist()
+        busy_total, tokens, padding = summed[2 * stages :].tolist()
+        busy_max, graphs = largest.tolist()
         record = {"step": step, "loss": sum(sums) / max(sum(counts), 1.0)}
         record.update({f"loss_stage{i}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
         record["grad_norm"] = self.grad_norm.item() / max(self.steps, 1)
         record["lr"] = lr
-        record["img_per_s"] = (self.steps + self.skipped) * self.images_per_step / (time.perf_counter() - self.started)
+        record["img_per_s"] = steps * self.images_per_step / (time.perf_counter() - self.started)
+        # balance: the plan's predicted slowest/mean unit cost, and the measured slowest/mean rank busy time
+        record["plan_max_over_mean"] = self.predicted / max(steps, 1)
+        record["busy_max_over_mean"] = busy_max * self.world.size / busy_total if busy_total > 0 else 1.0
+        record["padding_fraction"] = padding / tokens if tokens else 0.0
+        record["graphs"] = int(graphs)
         if self.skipped:
             record["skipped_steps"] = self.skipped  # train.nonfinite=skip_step: not in loss and grad_norm
         self.reset()
         return record
+
+
+def padding_micro_batch(cfg: Config, schedule: CascadeSchedule, device: torch.device, step: int):
+    """A one-sample, lowest-stage micro-batch whose loss counts zero: keeps a unit with fewer samples than
+    the plan's micro-batch count in step with the others' collectives."""
+    resolution = cfg.data.resolution
+    images = torch.zeros((1, 3, resolution, resolution), dtype=torch.uint8, device=device)
+    labels = torch.zeros(1, dtype=torch.int64, device=device)
+    return build_training_batch(images, labels, [0], schedule, cfg.model.patch_size, cfg.seed, step, [-1])
 
 
 def slice_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -83,55 +128,80 @@ def slice_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 def train_step(
-    engine: Engine, batch: Batch, step: int, cfg: Config, schedule: CascadeSchedule, world: World
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step; batch is this data rank's share of the global batch. Returns (per-sample loss
-    share, stage per sample, grad norm)."""
-    device = world.device
-    local = batch.images.shape[0]
-    micro = cfg.train.micro_batch or local
-    first_id = world.dp_rank * local
-    stages = plan_stages(step, cfg.train.global_batch, schedule.stages, cfg.seed)[first_id : first_id + local]
-    images = batch.images.to(device, non_blocking=True)
-    labels = batch.labels.to(device, non_blocking=True)
+    engine: Engine,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    plan: StepPlan,
+    step: int,
+    cfg: Config,
+    schedule: CascadeSchedule,
+    world: World,
+) -> StepOutcome:
+    """One optimizer step of this rank's unit: images and labels (on the device) are the unit's samples,
+    `plan.samples_of(unit)` in that order, trained in the plan's micro-batches.
+
+    The step's loss is the mean over the global batch of the per-sample losses, however the batch was
+    split: each rank backpropagates its samples' sum / batch, times the ranks FSDP (or DeepSpeed) averages
+    gradients over; an SP group's ranks hold shares of their samples' losses that add up."""
+    device, unit = world.device, world.dp_rank
+    row_of = {int(sample): row for row, sample in enumerate(plan.samples_of(unit))}
     null_class = cfg.model.num_classes
     labels = torch.where(labels < 0, torch.full_like(labels, null_class), labels)
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    losses, stage_ids = [], []
-    for first in range(0, local, micro):
-        part = slice(first, first + micro)
-        ids = range(first_id + first, first_id + first + micro)
-        pairs = build_training_batch(
-            images[part],
-            labels[part],
-            stages[part],
-            schedule,
-            cfg.model.patch_size,
-            cfg.seed,
-            step,
-            ids,
-            cfg.model.class_dropout,
-            null_class,
-        )
-        tokens, targets, token_range, pieces = pairs.tokens, pairs.targets, None, None
+    scale = world.size / plan.settings.batch
+    losses, stage_ids, layouts = [], [], set()
+    tokens = padding = 0
+    started = time.perf_counter()
+    micro_batches = plan.micro_batches(unit)
+    for index, samples in enumerate(micro_batches):
+        if len(samples):
+            rows = to_device(torch.tensor([row_of[int(s)] for s in samples]), device)
+            pairs = build_training_batch(
+                images.index_select(0, rows),
+                labels.index_select(0, rows),
+                plan.stages[samples].tolist(),
+                schedule,
+                cfg.model.patch_size,
+                cfg.seed,
+                step,
+                samples.tolist(),
+                cfg.model.class_dropout,
+                null_class,
+            )
+        else:
+            pairs = padding_micro_batch(cfg, schedule, device, step)
+        stream, token_range, pieces = pairs.layout.num_tokens, None, None
+        model_tokens, targets = pairs.tokens, pairs.targets
         if world.sp > 1:
-            token_range = sp_slice(pairs.layout.num_tokens, world.sp_rank, world.sp)
-            tokens, targets = slice_rows(tokens, *token_range), slice_rows(targets, *token_range)
+            token_range = sp_slice(stream, world.sp_rank, world.sp)
+            model_tokens, targets = slice_rows(model_tokens, *token_range), slice_rows(targets, *token_range)
             pieces = stream_pieces(pairs.layout, *token_range)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             prediction = engine.model(
-                tokens,
+                model_tokens,
                 pairs.layout,
                 pairs.timesteps,
                 pairs.labels if cfg.model.num_classes > 0 else None,
                 token_range=token_range,
             )
         per_sample = per_sequence_mse(prediction, targets, pairs.layout, pieces)
-        # FSDP averages gradients over dp_shard x sp ranks; an SP group's shares must add up, hence x sp
-        engine.backward(per_sample.sum() * world.sp / local)
-        losses.append(per_sample.detach())
-        stage_ids.append(pairs.stages)
-    return torch.cat(losses), torch.cat(stage_ids), engine.step()
+        held = model_tokens.shape[0]
+        tokens += held
+        layouts.add(pairs.layout)
+        real = held if token_range is None else max(0, min(token_range[1], stream) - token_range[0])
+        padding += held - real if len(samples) else held
+        if len(samples):
+            engine.backward(per_sample.sum() * scale, last=index == len(micro_batches) - 1)
+            losses.append(per_sample.detach())
+            stage_ids.append(pairs.stages)
+        else:
+            engine.backward(per_sample.sum() * 0.0, last=index == len(micro_batches) - 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the host is ahead otherwise; the step's norm check syncs anyway
+    busy = time.perf_counter() - started
+    if not losses:
+        losses, stage_ids = [torch.zeros(0, device=device)], [torch.zeros(0, dtype=torch.int64, device=device)]
+    return StepOutcome(torch.cat(losses), torch.cat(stage_ids), engine.step(), busy, tokens, padding, layouts)
 
 
 def prepare_run_dir(cfg: Config, world: World) -> Path:
@@ -190,11 +260,12 @@ class RunResult:
         return EXIT_STOPPED if self.stopped else EXIT_FINISHED
 
 
-def open_stream(cfg: Config, world: World, state: dict | None) -> DataStream:
-    """This data rank's stream, continuing from a checkpoint's lane cursors when given."""
+def open_stream(cfg: Config, world: World, state: dict | None, first_step: int) -> DataStream:
+    """This data rank's share of every global batch from `first_step` on, continuing from a checkpoint's lane
+    cursors when given."""
     return DataStream(
         cfg.data.path,
-        cfg.train.global_batch // world.dp_size,
+        cfg.train.global_batch,
         cfg.data.resolution,
         cfg.seed,
         cfg.data.num_workers,
@@ -211,6 +282,7 @@ def open_stream(cfg: Config, world: World, state: dict | None) -> DataStream:
         num_classes=cfg.model.num_classes,
         max_pixels=cfg.data.max_pixels,
         max_bad_fraction=cfg.data.max_bad_fraction,
+        first_step=first_step,
     )
 
 
@@ -241,7 +313,8 @@ def _train(cfg: Config, world: World) -> RunResult:
             log.info(
                 "%s from %s at step %d", "resumed" if source.full else "weights loaded", source.path, progress.step
             )
-        data = open_stream(cfg, world, progress.data_state)  # a bad dataset stops the run before it writes
+        # a bad dataset stops the run before it writes
+        data = open_stream(cfg, world, progress.data_state, progress.step + 1)
         cleanup.callback(data.close)
         run_dir = prepare_run_dir(cfg, world)
         progress.stream = data
@@ -255,12 +328,18 @@ def _train(cfg: Config, world: World) -> RunResult:
             keys = SampleKeyLog(run_dir, world.dp_rank, step)
             cleanup.callback(keys.close)
         window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
+        settings = plan_settings(cfg, world.dp_size)
+        exchange_group = world.dp_mesh.get_group() if world.distributed and world.dp_size > 1 else None
         engine.model.train()
         stopping = None
         while step < cfg.train.steps and not stopping:
-            batch = next(data)
+            share = next(data)
             step += 1
-            per_sample, stages, grad_norm = train_step(engine, batch, step, cfg, schedule, world)
+            plan = plan_step(settings, step)
+            readers = lane_reader(slot_lanes(step, cfg.train.global_batch, data.num_lanes), world.dp_size)
+            images, labels = exchange(share, plan, readers, world.dp_rank, exchange_group, world.device)
+            outcome = train_step(engine, images, labels, plan, step, cfg, schedule, world)
+            grad_norm = outcome.grad_norm
             if not torch.isfinite(grad_norm):  # the same on every rank: the norm is global
                 if cfg.train.nonfinite == "stop" or cfg.engine == "deepspeed":  # DeepSpeed has applied it
                     raise NonFiniteError(
@@ -270,10 +349,11 @@ def _train(cfg: Config, world: World) -> RunResult:
                     )
                 log.warning("step %d skipped: the loss or gradient is not finite", step)
                 window.skipped += 1
+                window.count(outcome, plan)
             else:
-                window.add(per_sample, stages, grad_norm)
+                window.add(outcome, plan)
             if keys:
-                keys.log(step, batch.keys)
+                keys.log(step, share.keys)
             if metrics:
                 metrics.advance()
             if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
