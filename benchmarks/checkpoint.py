@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import device_name, emit, synchronize  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
-from pixelflow.data.loader import Batch  # noqa: E402
+from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world, shutdown  # noqa: E402
 from pixelflow.train.checkpoint import Checkpointer, step_dir  # noqa: E402
 from pixelflow.train.engine import build_engine  # noqa: E402
@@ -38,7 +38,7 @@ CPU_MODEL = ["model.depth=12", "model.num_heads=12", "model.head_dim=64", "model
 
 class FixedProgress:
     def state_dict(self) -> dict:
-        return {"step": 1, "data": {"num_lanes": 1, "positions": [0], "batches": 0}}
+        return {"step": 1, "data": {"num_lanes": 1, "positions": [0]}}
 
     def load_state_dict(self, state: dict) -> None:
         pass
@@ -62,10 +62,11 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     world = init_world(cfg, cfg.train.device)
     engine = build_engine(cfg, world)
-    local = cfg.train.global_batch // world.dp_size
+    plan = plan_step(plan_settings(cfg, world.dp_size), 1)
+    local = len(plan.samples_of(world.dp_rank))
     images = torch.randint(0, 256, (local, 3, cfg.data.resolution, cfg.data.resolution), dtype=torch.uint8)
     schedule = CascadeSchedule.build(cfg.cascade.stages)
-    train_step(engine, Batch(images, torch.zeros(local, dtype=torch.long), [], {}), 1, cfg, schedule, world)
+    train_step(engine, images, torch.zeros(local, dtype=torch.long), plan, 1, cfg, schedule, world)
     parts = {**engine.checkpoint_parts(), "train": FixedProgress()}
     parameters = sum(p.numel() for p in engine.model.parameters())
     if world.distributed:  # parameters() are this rank's shards under FSDP2

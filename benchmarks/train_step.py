@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import device_name, emit, peak_memory_gib, reset_peak_memory, timed  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
-from pixelflow.data.loader import Batch  # noqa: E402
-from pixelflow.data.planner import plan_stages  # noqa: E402
+from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world  # noqa: E402
 from pixelflow.train.engine import build_engine  # noqa: E402
 from pixelflow.train.trainer import train_step  # noqa: E402
@@ -42,7 +41,7 @@ def step_flops(cfg, schedule: CascadeSchedule, stages: list[int]) -> float:
 
 
 def measure(args: argparse.Namespace, batch_size: int) -> dict:
-    micro = args.micro if args.micro and batch_size % args.micro == 0 else 0
+    micro = args.micro
     cfg = load_config(
         args.config,
         [
@@ -74,14 +73,17 @@ def measure(args: argparse.Namespace, batch_size: int) -> dict:
     }
     engine = build_engine(cfg, world)
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
-    side, local = cfg.data.resolution, batch_size // world.dp_size
-    images = torch.randint(0, 256, (local, 3, side, side), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, max(cfg.model.num_classes, 1), (local,), device=device)
-    batch = Batch(images, labels, [], {})
+    side = cfg.data.resolution
+    images = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, max(cfg.model.num_classes, 1), (batch_size,), device=device)
+    settings = plan_settings(cfg, world.dp_size)
     steps = iter(range(1, 10**9))
 
     def one_step() -> None:
-        train_step(engine, batch, next(steps), cfg, schedule, world)
+        step = next(steps)
+        plan = plan_step(settings, step)
+        mine = torch.from_numpy(plan.samples_of(world.dp_rank)).to(device)
+        train_step(engine, images[mine], labels[mine], plan, step, cfg, schedule, world)
 
     try:
         timed(device, one_step, args.warmup)
@@ -89,7 +91,7 @@ def measure(args: argparse.Namespace, batch_size: int) -> dict:
         seconds = timed(device, one_step, args.steps)
     except torch.OutOfMemoryError:
         return {**record, "error": "out of memory"}
-    tflops = step_flops(cfg, schedule, plan_stages(1, batch_size, schedule.stages, cfg.seed)) / seconds / 1e12
+    tflops = step_flops(cfg, schedule, plan_step(settings, 1).stages.tolist()) / seconds / 1e12
     peak = peak_memory_gib(device)
     return {
         **record,
@@ -105,7 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/pixelflow_xl_c2i_256.yaml")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64], help="images per step")
-    parser.add_argument("--micro", type=int, default=0, help="images per forward/backward (0 = whole batch)")
+    parser.add_argument(
+        "--micro", type=int, default=0, help="full-resolution images' worth of tokens per forward/backward (0 = all)"
+    )
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--ac", default="none", help="activation checkpointing: none | full | every_<k>")
     parser.add_argument("--attention", default="auto")

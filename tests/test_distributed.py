@@ -13,7 +13,7 @@ import torch
 
 from pixelflow.generate import generate, load_for_sampling
 from tests.conftest import REPO, tiny_overrides
-from tests.s3 import free_port
+from tests.s3 import CREDENTIALS, free_port
 
 pytestmark = pytest.mark.slow
 ENV = {
@@ -24,7 +24,7 @@ ENV = {
 }
 
 
-def run(command: list[str], procs: int) -> subprocess.CompletedProcess:
+def run(command: list[str], procs: int, env: dict | None = None) -> subprocess.CompletedProcess:
     launcher = (
         [
             sys.executable,
@@ -38,7 +38,7 @@ def run(command: list[str], procs: int) -> subprocess.CompletedProcess:
         if procs > 1
         else [sys.executable]
     )
-    done = subprocess.run(launcher + command, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    done = subprocess.run(launcher + command, capture_output=True, text=True, cwd=REPO, env=env or ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -54,8 +54,8 @@ def one_process(tmp_path_factory) -> dict:
     return harness(tmp_path_factory.mktemp("reference"), 1, "train")
 
 
-def assert_close(got: list[float], want: list[float], relative: float) -> None:
-    assert len(got) == len(want) == 5
+def assert_close(got: list[float], want: list[float], relative: float, count: int = 5) -> None:
+    assert len(got) == len(want) == count
     for a, b in zip(got, want):
         assert abs(a - b) <= relative * abs(b), (got, want)
 
@@ -144,6 +144,43 @@ def test_torchrun_cli_writes_the_layout_one_process_writes_and_resumes_exactly(t
     model, cfg = load_for_sampling(double)  # a sharded run's checkpoint is a plain model's
     images = generate(model, cfg, [1, 2], 2, seed=0, steps_per_stage=2, cfg_scale=2.0)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+
+
+@pytest.fixture(scope="module")
+def s3_plan_shapes(s3_endpoint) -> str:
+    """96 samples in 6 shards on the moto S3 server."""
+    from data_tools.synthetic import write_synthetic_dataset
+
+    path = "s3://pixelflow-test/plan-shapes"
+    write_synthetic_dataset(path, 96, 16, size=40, seed=4, storage_options={"endpoint_url": s3_endpoint.endpoint})
+    return path
+
+
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_one_two_and_four_ranks_train_the_same_trajectory_from_the_shards(tmp_path, request, where):
+    """Through the CLI and the real data path (lanes, workers, the planner, the all-to-all): one process,
+    dp_shard=2 and dp_shard=2 x sp=2, each with another worker count, log the same losses."""
+    if where == "disk":
+        data, extra, env = request.getfixturevalue("shapes_dataset"), [], ENV
+    else:
+        data, endpoint = request.getfixturevalue("s3_plan_shapes"), request.getfixturevalue("s3_endpoint")
+        extra, env = ["--endpoint-url", endpoint.endpoint], {**ENV, **CREDENTIALS}
+    trajectories = []
+    for procs, layout in [
+        (1, ["data.num_workers=0"]),
+        (2, ["parallel.dp_shard=2", "data.num_workers=2"]),
+        (4, ["parallel.dp_shard=2", "parallel.sp=2", "data.num_workers=1"]),
+    ]:
+        run_dir = tmp_path / f"ranks-{procs}"
+        run(
+            train_command(run_dir, data, 6, "checkpoint.every=6", "model.class_dropout=0.2", *layout) + extra,
+            procs,
+            env,
+        )
+        trajectories.append(losses(run_dir))
+    assert len(trajectories[0]) == 6
+    for trajectory in trajectories[1:]:
+        assert_close(trajectory, trajectories[0], 1e-5, count=6)
 
 
 def test_deepspeed_checkpoints_resume_exactly_and_sample(tmp_path, shapes_dataset):

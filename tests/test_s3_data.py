@@ -164,6 +164,8 @@ def s3_shapes(s3_endpoint):
 
 
 def stream(path, endpoint, rank=0, world=1, workers=2, state=None, options=None, batch=4, **kwargs):
+    """A data rank's share of global batches of `batch` samples from 4 lanes."""
+    kwargs.setdefault("lanes", 4)
     return DataStream(
         path,
         batch,
@@ -186,8 +188,8 @@ def take_keys(data: DataStream, batches: int) -> list[str]:
 def test_two_ranks_two_workers_see_every_sample_once_per_epoch(s3_endpoint, s3_shapes):
     everything = Counter(stored_keys(s3_shapes, s3_endpoint.endpoint))
     ranks = [stream(s3_shapes, s3_endpoint.endpoint, rank, 2) for rank in range(2)]
-    for _ in range(2):  # two epochs: 4 lanes x 16 samples = 8 batches of 4 per rank
-        seen = Counter(key for data in ranks for key in take_keys(data, 8))
+    for _ in range(2):  # two epochs: 4 lanes x 16 samples = 16 global batches of 4, read by 2 ranks
+        seen = Counter(key for data in ranks for key in take_keys(data, 16))
         assert seen == everything
 
 
@@ -196,7 +198,7 @@ def test_resume_over_s3_continues_exactly(s3_endpoint, s3_shapes):
     expected = [next(reference) for _ in range(7)]
     first = stream(s3_shapes, s3_endpoint.endpoint)
     [next(first) for _ in range(3)]
-    resumed = stream(s3_shapes, s3_endpoint.endpoint, state=first.state_dict())
+    resumed = stream(s3_shapes, s3_endpoint.endpoint, state=first.state_dict(), first_step=4)
     for want in expected[3:]:
         got = next(resumed)
         assert got.keys == want.keys and torch.equal(got.images, want.images)
@@ -209,7 +211,10 @@ def test_elastic_resume_neither_repeats_nor_skips(s3_endpoint, s3_shapes, new_wo
     before = [stream(s3_shapes, s3_endpoint.endpoint, rank, 2) for rank in range(2)]
     seen_before = Counter(key for data in before for key in take_keys(data, 3))
     middle = merge_states([data.state_dict() for data in before])
-    after = [stream(s3_shapes, s3_endpoint.endpoint, rank, new_world, new_workers, middle) for rank in range(new_world)]
+    after = [
+        stream(s3_shapes, s3_endpoint.endpoint, rank, new_world, new_workers, middle, first_step=4)
+        for rank in range(new_world)
+    ]
     seen_after = Counter(key for data in after for key in take_keys(data, 5))
     end = merge_states([data.state_dict() for data in after])
     settings = ReadSettings(s3_shapes, after[0].manifest, 4, 7, 32, 6, s3_options(s3_endpoint.endpoint))
@@ -220,7 +225,7 @@ def test_elastic_resume_neither_repeats_nor_skips(s3_endpoint, s3_shapes, new_wo
         expected_before.update(truth[: middle["positions"][lane]])
         expected_after.update(truth[middle["positions"][lane] :])
     assert seen_before == expected_before and seen_after == expected_after
-    assert sum(seen_after.values()) == 4 * 5 * new_world
+    assert sum(seen_after.values()) == 4 * 5  # 5 global batches of 4, however many ranks read them
 
 
 @pytest.mark.parametrize("mode, faults", [("503", 12), ("drop", 4)])  # s3fs itself retries 503s 5 times a read

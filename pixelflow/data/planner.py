@@ -35,10 +35,10 @@ MEGA = 1_000_000  # costs are integers in millions of FLOPs: exact ties, no over
 
 @dataclass(frozen=True)
 class CostModel:
-    """Training FLOPs of one sample of L tokens: depth x (24 d^2 L + 4 d L^2 + overhead d L). The first two
-    terms are the matmuls and attention (forward and backward); `overhead` (per token and channel, in
-    FLOP-equivalents) covers what does not scale with d^2 or L^2: norms, modulation, elementwise, launches.
-    It is calibrated per hardware (benchmarks/planner.py --calibrate)."""
+    """Predicted cost of training one sample of L tokens: depth x (24 d^2 L + 4 d L^2 + overhead d L), the
+    forward FLOPs of the matmuls and attention (backward is a fixed multiple) plus `overhead` per token and
+    channel (FLOP-equivalents) for what does not scale with d^2 or L^2: norms, modulation, elementwise,
+    launches. The overhead is calibrated per hardware (benchmarks/planner.py --calibrate)."""
 
     depth: int
     dim: int
