@@ -85,9 +85,9 @@ class PlanConfig:
     """How the planner shares each step's stages and work out (pixelflow/data/planner.py)."""
 
     stage_weights: list[float] | None = None  # share of each stage in the global batch; None = uniform
-    # per-token cost that does not scale with d^2 or L^2 (norms, modulation, elementwise), in FLOPs per token
-    # per channel per block; measured by benchmarks/planner.py --calibrate (CPU figure; see RESULTS.md)
-    token_overhead: float = 60.0
+    # per-token cost that does not scale with d^2 or L^2 (norms, modulation, elementwise), in FLOP-equivalents
+    # per token, channel and block; benchmarks/planner.py --calibrate measures it (this: a 2-core CPU)
+    token_overhead: float = 5000.0
 
 
 @dataclass

@@ -178,6 +178,9 @@ def test_one_two_and_four_ranks_train_the_same_trajectory_from_the_shards(tmp_pa
             env,
         )
         trajectories.append(losses(run_dir))
+        for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+            assert record["plan_max_over_mean"] >= 1.0 and record["busy_max_over_mean"] >= 1.0
+            assert 0.0 <= record["padding_fraction"] < 1.0 and record["graphs"] >= 1
     assert len(trajectories[0]) == 6
     for trajectory in trajectories[1:]:
         assert_close(trajectory, trajectories[0], 1e-5, count=6)
