@@ -121,3 +121,24 @@ def test_another_number_of_units_plans_the_same_global_batch():
         for plan in plans[1:]:
             assert np.array_equal(plan.stages, plans[0].stages)
         assert [p.settings.batch for p in plans] == [32] * 4
+
+
+def micro_layouts(plan) -> set[tuple[int, ...]]:
+    """Every micro-batch's stage counts: what a compiled block specialises on."""
+    stages = plan.settings.stages
+    return {
+        tuple(np.bincount(plan.stages[samples], minlength=stages))
+        for unit in range(plan.settings.units)
+        for samples in plan.micro_batches(unit)
+    }
+
+
+@pytest.mark.parametrize("batch", [24, 30])
+def test_micro_batch_layouts_come_from_a_small_set_that_stops_growing(batch):
+    """Compiled blocks build one graph per layout: the planner's layouts repeat from step to step."""
+    case = PlanSettings(batch, stage_tokens(256, 4, 4), (1, 1, 1, 1), 8, 2 * 4096, XL)
+    seen = [set() for _ in range(3)]
+    for step in range(1, 301):
+        seen[min(step // 100, 2)] |= micro_layouts(plan_step(case, step))
+    assert seen[1] <= seen[0] and seen[2] <= seen[0]  # nothing new after the first 100 steps
+    assert len(seen[0]) <= (4 if batch == 24 else 16)
