@@ -11,6 +11,7 @@ from pathlib import Path
 from data_tools.ingest import KINDS, IngestError, Options, Report, ingest
 from data_tools.synthetic import write_synthetic_dataset
 from pixelflow.cli import run_command
+from pixelflow.config import ConfigError
 from pixelflow.data.shard_format import ShardFormatError
 from pixelflow.data.storage import StorageError, storage_options
 
@@ -19,6 +20,27 @@ def _synth(args: argparse.Namespace) -> None:
     options = storage_options(args.output, args.endpoint_url)
     manifest = write_synthetic_dataset(args.output, args.count, args.per_shard, args.size, args.seed, options)
     print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.output}")
+
+
+def _tiny_text_encoder(args: argparse.Namespace) -> None:
+    from data_tools.text import tiny_text_encoder
+
+    options = storage_options(args.dataset, args.endpoint_url)
+    print(f"wrote {tiny_text_encoder(args.dataset, args.output, args.dim, args.layers, options)}")
+
+
+def _encode_text(args: argparse.Namespace) -> None:
+    from data_tools.text import encode_text
+
+    part = None
+    if args.part:
+        index, count = (int(x) for x in args.part.split("/"))
+        part = (index, count)
+    options = storage_options(args.dataset, args.endpoint_url)
+    report = encode_text(
+        args.dataset, args.encoder, args.out, args.max_tokens, args.batch, args.device, part, options, not args.quiet
+    )
+    print(json.dumps(asdict(report)))
 
 
 def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,11 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--endpoint-url", help="S3-compatible endpoint for an s3:// output")
     synth.set_defaults(func=_synth)
+
+    tiny = commands.add_parser(
+        "tiny-text-encoder",
+        help="write a tiny random-weight T5 encoder + tokenizer trained on a dataset's captions (demos, tests)",
+        description="Write a randomly initialised T5 encoder and a word-level tokenizer over DATASET's captions, "
+        "saved like a transformers model: text.encoder=OUTPUT uses it as it would a real Flan-T5-XL.",
+    )
+    tiny.add_argument("dataset", help="dataset directory or s3://bucket/prefix (its captions)")
+    tiny.add_argument("output", help="directory to write")
+    tiny.add_argument("--dim", type=int, default=32, help="width of the encoder's tokens (model.text_dim)")
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--endpoint-url", help="S3-compatible endpoint for an s3:// dataset")
+    tiny.set_defaults(func=_tiny_text_encoder)
+
+    encode = commands.add_parser(
+        "encode-text",
+        help="precompute caption embeddings beside the shards (text.mode=precomputed)",
+        description="Run a frozen T5 encoder over every shard's captions and store the unpadded float16 token "
+        "embeddings beside the shards. Rerunning skips shards already encoded.",
+    )
+    encode.add_argument("dataset", help="dataset directory or s3://bucket/prefix")
+    encode.add_argument("--encoder", required=True, help="local T5 encoder directory (as text.encoder)")
+    encode.add_argument("--out", help="where to write (default: DATASET/text-embeddings; text.embeddings)")
+    encode.add_argument("--max-tokens", type=int, default=512)
+    encode.add_argument("--batch", type=int, default=64, help="captions per forward")
+    encode.add_argument("--device", default="cpu")
+    encode.add_argument("--part", help="I/N: encode every N-th shard from the I-th (one task of an array)")
+    encode.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
+    encode.set_defaults(func=_encode_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, (IngestError, ShardFormatError, StorageError))
+    return run_command(build_parser(), argv, (IngestError, ShardFormatError, StorageError, ConfigError))
 
 
 if __name__ == "__main__":

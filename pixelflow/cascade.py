@@ -107,6 +107,7 @@ class TrainingBatch:
     labels: torch.Tensor  # (B,) class labels after CFG dropout
     stages: torch.Tensor  # (B,) stage of every sequence
     order: list[int]  # order[i] = index in the input batch of sequence i
+    draws: torch.Tensor  # (B,) the sample's uniform draw deciding condition dropout (class or caption)
 
 
 def stage_pair(images: torch.Tensor, stage: int, schedule: CascadeSchedule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +169,9 @@ def build_training_batch(
         sides += [end.shape[-1] // patch_size] * len(members)
         order += members
     labels = labels.to(device).index_select(0, to_device(torch.tensor(order), device))
+    draws = torch.cat(dropped)
     if class_dropout > 0:
-        labels = torch.where(torch.cat(dropped) < class_dropout, torch.full_like(labels, null_class), labels)
+        labels = torch.where(draws < class_dropout, torch.full_like(labels, null_class), labels)
     return TrainingBatch(
         tokens=torch.cat(tokens),
         targets=torch.cat(targets),
@@ -178,6 +180,7 @@ def build_training_batch(
         labels=labels,
         stages=to_device(torch.tensor(stage_ids), device),
         order=order,
+        draws=draws,
     )
 
 

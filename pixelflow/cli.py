@@ -83,20 +83,50 @@ def _sample(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, cfg = load_for_sampling(args.checkpoint, args.weights, device, dtype)
-    labels = None
-    if cfg.model.num_classes > 0:
+    labels, prompts, columns = None, None, None
+    if cfg.model.text_dim:
+        prompts, columns = sample_prompts(args, cfg, device)
+        count = len(prompts.text)
+    elif args.prompt or args.prompt_file:
+        raise ConfigError(f"--prompt: {args.checkpoint} is not a text-conditioned model (it has no model.text_dim)")
+    elif cfg.model.num_classes > 0:
         classes = args.classes if args.classes is not None else list(range(min(cfg.model.num_classes, 8)))
         bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
         if bad:
             raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
         labels = [c for _ in range(args.per_class) for c in classes]  # one column per class
-    count = len(labels) if labels is not None else args.num
+        count = len(labels)
+        columns = len(classes) if args.per_class > 1 else None
+    else:
+        count = args.num
     steps = args.steps if args.steps is not None else cfg.sample.steps_per_stage
     scale = cfg.sample.cfg if args.cfg is None else args.cfg
+    solver = args.solver or cfg.sample.solver
     with torch.inference_mode():
-        images = generate(model, cfg, labels, count, args.seed, steps, scale, device, args.solver or cfg.sample.solver)
-    columns = len(classes) if labels is not None and args.per_class > 1 else None
+        images = generate(model, cfg, labels, count, args.seed, steps, scale, device, solver, prompts)
     print(f"wrote {save_grid(images, args.out, columns)}")
+
+
+def sample_prompts(args: argparse.Namespace, cfg, device):
+    """(the prompts' embeddings, one column per prompt) for a text-to-image model."""
+    from pixelflow.generate import Prompts
+    from pixelflow.model.text_encoder import TextEncoder
+
+    texts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompt-file {path}: not found")
+        texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("--prompt: a text-to-image model needs --prompt TEXT (or --prompt-file FILE)")
+    encoder = TextEncoder(args.text_encoder or cfg.text.encoder, cfg.text.max_tokens, device)
+    if encoder.dim != cfg.model.text_dim:
+        raise ConfigError(
+            f"--text-encoder: {encoder.dim}-wide tokens, the model takes model.text_dim = {cfg.model.text_dim}"
+        )
+    per_image = [text for _ in range(args.per_class) for text in texts]  # one column per prompt
+    return Prompts.encode(encoder, per_image, args.negative_prompt), len(texts) if args.per_class > 1 else None
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -129,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--out", required=True, help="PNG file to write")
     sample.add_argument("--classes", type=int, nargs="+", help="class ids (default: the first 8)")
-    sample.add_argument("--per-class", type=int, default=1, help="images per class (default 1)")
+    sample.add_argument("--prompt", action="append", help="a prompt, for text-to-image models (repeatable)")
+    sample.add_argument("--prompt-file", help="prompts, one per line")
+    sample.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default empty)")
+    sample.add_argument("--text-encoder", help="local T5 encoder directory (default: the config's text.encoder)")
+    sample.add_argument("--per-class", type=int, default=1, help="images per class or prompt (default 1)")
     sample.add_argument("--num", type=int, default=8, help="images for a model without classes (default 8)")
     sample.add_argument(
         "--steps", type=int, help="Euler steps per stage (default: the config's sample.steps_per_stage)"

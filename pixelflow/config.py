@@ -55,6 +55,10 @@ class DataConfig:
     retry_wait: float = 0.5  # seconds before the first retry, doubling up to 30
     max_pixels: int = 50_000_000  # images that would decode to more pixels are skipped (read from the header)
     max_bad_fraction: float = 0.2  # stop when more of the recent samples than this cannot be decoded
+    # the shorter side is resized to expand_ratio x resolution before the random square crop (the reference:
+    # 1.125, i.e. 288 for 256: zoom and position jitter); 1.0 = resize to the crop size
+    expand_ratio: float = 1.125
+    resize_filter: str = "bicubic"  # bicubic (antialiased, fast) | lanczos (Pillow's, as the reference)
 
 
 @dataclass
@@ -78,6 +82,18 @@ class TrainConfig:
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
     log_sample_keys: bool = False  # write the keys each data rank trained on per step (sample_keys/)
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (one line, nothing saved) | skip_step
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning (text-to-image models: model.text_dim set)."""
+
+    encoder: str | None = None  # local directory with a T5 encoder and its tokenizer (never downloaded)
+    max_tokens: int = 512  # captions are truncated to this many tokens (the reference's length)
+    mode: str = "online"  # online: encode each step's captions | precomputed: read `pixelflow-data encode-text`
+    embeddings: str | None = None  # where encode-text wrote (default: <data.path>/text-embeddings)
+    dropout: float = 0.1  # share of samples trained with the empty caption (classifier-free guidance)
+    shard_encoder: bool = False  # FSDP-shard the frozen encoder over the data ranks instead of replicating it
 
 
 @dataclass
@@ -157,6 +173,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -277,6 +294,19 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (d.retry_wait >= 0, "data.retry_wait", f"= {d.retry_wait} must not be negative"),
         (d.max_pixels >= d.resolution**2, "data.max_pixels", f"= {d.max_pixels} must be at least resolution^2"),
         (0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", f"= {d.max_bad_fraction} must be in [0, 1)"),
+        (1.0 <= d.expand_ratio <= 4.0, "data.expand_ratio", f"= {d.expand_ratio} must be in [1, 4]"),
+        (
+            d.resize_filter in ("bicubic", "lanczos"),
+            "data.resize_filter",
+            f"= '{d.resize_filter}' must be bicubic or lanczos",
+        ),
+        (cfg.text.max_tokens >= 1, "text.max_tokens", f"= {cfg.text.max_tokens} must be at least 1"),
+        (
+            cfg.text.mode in ("online", "precomputed"),
+            "text.mode",
+            f"= '{cfg.text.mode}' must be online or precomputed",
+        ),
+        (0.0 <= cfg.text.dropout < 1.0, "text.dropout", f"= {cfg.text.dropout} must be in [0, 1)"),
         (bool(d.path), "data.path", "must name a dataset directory or s3:// prefix"),
         (t.steps >= 1, "train.steps", f"= {t.steps} must be at least 1"),
         (t.global_batch >= 1, "train.global_batch", f"= {t.global_batch} must be at least 1"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from pixelflow.config import Config
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.attention import set_attention_backend
 from pixelflow.train.checkpoint import read_weights
+from pixelflow.train.text_conditioning import pad_tokens
 
 
 def load_for_sampling(
@@ -29,6 +31,31 @@ def load_for_sampling(
     return model, cfg
 
 
+@dataclass
+class Prompts:
+    """Caption embeddings to sample from: one row per image, and the negative (unconditional) prompt's."""
+
+    text: torch.Tensor  # (count, L, D)
+    mask: torch.Tensor  # (count, L)
+    negative: torch.Tensor  # (1, Ln, D)
+    negative_mask: torch.Tensor  # (1, Ln)
+
+    @staticmethod
+    def encode(encoder, prompts: list[str], negative: str = "") -> Prompts:
+        text, mask = encoder.encode(prompts)
+        negative_text, negative_mask = encoder.encode([negative])
+        return Prompts(text, mask, negative_text, negative_mask)
+
+    def select(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, mask) for condition indices: i >= 0 is prompt i, -1 the negative prompt."""
+        length = max(self.text.shape[1], self.negative.shape[1])
+        text, mask = pad_tokens(self.text, self.mask, length)
+        negative, negative_mask = pad_tokens(self.negative, self.negative_mask, length)
+        table, table_mask = torch.cat([text, negative]), torch.cat([mask, negative_mask])
+        rows = torch.where(index < 0, torch.full_like(index, len(self.text)), index)
+        return table[rows].to(dtype), table_mask[rows]
+
+
 def generate(
     model: PixelFlowTransformer,
     cfg: Config,
@@ -39,28 +66,41 @@ def generate(
     cfg_scale: float,
     device: torch.device | str = "cpu",
     solver: str = "euler",
+    prompts: Prompts | None = None,
 ) -> torch.Tensor:
-    """(count, 3, R, R) uint8 images; labels (one per image) for class-conditional models. The model's
-    own dtype sets the precision (bf16 weights on GPU; the sampler keeps its state in float32)."""
+    """(count, 3, R, R) uint8 images; labels (one per image) for class-conditional models, prompts (one per
+    image) for text-conditional ones. The model's own dtype sets the precision (bf16 weights on GPU; the
+    sampler keeps its state in float32). Class models ramp guidance up over the stages (the paper's
+    schedule); text models guide with a constant scale, as the official text-to-image pipeline does."""
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
-    ramp = cfg.sample.cfg_ramp or default_cfg_ramp(schedule.stages)
     generator = torch.Generator(device=device).manual_seed(seed)
-    label_tensor = torch.tensor(labels, device=device) if labels is not None else None
     dtype = next(model.parameters()).dtype
+    if prompts is not None:  # conditions are indices into the prompts; -1 is the negative prompt
+        ramp = cfg.sample.cfg_ramp or [1.0] * schedule.stages
+        conditions, null = torch.arange(count, device=device), -1
 
-    def velocity(x: torch.Tensor, timesteps: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-        return model.forward_images(x.to(dtype), timesteps, classes)
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+            text, mask = prompts.select(index, dtype)
+            return model.forward_images(x.to(dtype), timesteps, None, text, mask)
+
+    else:
+        ramp = cfg.sample.cfg_ramp or default_cfg_ramp(schedule.stages)
+        conditions = torch.tensor(labels, device=device) if labels is not None else None
+        null = model.null_class
+
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+            return model.forward_images(x.to(dtype), timesteps, classes)
 
     images = sample(
         velocity,
         schedule,
-        label_tensor,
+        conditions,
         count,
         cfg.data.resolution,
         generator,
         steps_per_stage,
         cfg_scales(cfg_scale, ramp),
-        model.null_class,
+        null,
         cfg.model.in_channels,
         cfg.sample.shift,
         solver,

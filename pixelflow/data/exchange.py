@@ -2,8 +2,9 @@
 
 Reading follows the lanes and training follows the plan, so a sample usually changes rank: one
 all-to-all per step over the data ranks (each SP rank index has its own), carrying full-resolution uint8
-crops with their labels packed into the same rows. Every rank knows from the plan and the lane rule who
-sends what, so no sizes are exchanged first.
+crops with their labels (and, for text models, captions or embeddings) packed into the same rows. Every
+rank knows from the plan and the lane rule who sends what, so no sizes are exchanged first (payloads agree
+on their padded width with one all-reduce).
 """
 
 from __future__ import annotations
@@ -25,14 +26,24 @@ def exchange(
     unit: int,
     group: dist.ProcessGroup | None,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (n, 3, R, R) uint8, labels (n,)) on `device` of the unit's samples, `plan.samples_of(unit)`
-    in that order. `readers[j]` is the data rank that read slot j; `share` is what this rank read."""
+    with_payloads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[bytes]]:
+    """(images (n, 3, R, R) uint8, labels (n,), payloads) on `device` of the unit's samples,
+    `plan.samples_of(unit)` in that order. `readers[j]` is the data rank that read slot j; `share` is what
+    this rank read. Payloads (captions or embeddings) travel when asked, padded to the group's longest."""
     if group is None:  # one data rank read every slot and trains them all
-        return share.images.to(device, non_blocking=True), share.labels.to(device, non_blocking=True)
+        images, labels = share.images.to(device, non_blocking=True), share.labels.to(device, non_blocking=True)
+        return images, labels, list(share.payloads)
     shape = share.images.shape[1:]
     flat = share.images.reshape(len(share.slots), int(np.prod(shape)))
-    rows = torch.cat([flat, share.labels.reshape(-1, 1).view(torch.uint8)], dim=1)
+    columns = [flat, share.labels.reshape(-1, 1).view(torch.uint8)]
+    width = 0
+    if with_payloads:
+        longest = torch.tensor([max((len(p) for p in share.payloads), default=0)], device=device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+        width = int(longest.item())
+        columns.append(payload_columns(share.payloads, width))
+    rows = torch.cat(columns, dim=1)
     destination = plan.units[share.slots]
     order = np.argsort(destination, kind="stable")
     send = rows[torch.from_numpy(order)].to(device, non_blocking=True)
@@ -46,6 +57,23 @@ def exchange(
     arrival = mine[np.argsort(sources, kind="stable")]
     back = torch.from_numpy(np.argsort(arrival, kind="stable")).to(device)
     received = received[back]
-    images = received[:, :-LABEL_BYTES].reshape(len(mine), *shape)
-    labels = received[:, -LABEL_BYTES:].contiguous().view(torch.int64).reshape(-1)
-    return images, labels
+    pixels = flat.shape[1]
+    images = received[:, :pixels].reshape(len(mine), *shape)
+    labels = received[:, pixels : pixels + LABEL_BYTES].contiguous().view(torch.int64).reshape(-1)
+    payloads = read_payloads(received[:, pixels + LABEL_BYTES :]) if with_payloads else []
+    return images, labels, payloads
+
+
+def payload_columns(payloads: list[bytes], width: int) -> torch.Tensor:
+    """(n, 4 + width) uint8: each payload's length (int32) then its bytes, zero-padded."""
+    out = np.zeros((len(payloads), 4 + width), dtype=np.uint8)
+    for row, payload in enumerate(payloads):
+        out[row, :4] = np.frombuffer(np.int32(len(payload)).tobytes(), dtype=np.uint8)
+        out[row, 4 : 4 + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+    return torch.from_numpy(out)
+
+
+def read_payloads(columns: torch.Tensor) -> list[bytes]:
+    data = columns.cpu().numpy()
+    lengths = data[:, :4].copy().view(np.int32).reshape(-1)
+    return [data[row, 4 : 4 + int(n)].tobytes() for row, n in enumerate(lengths)]

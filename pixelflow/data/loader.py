@@ -62,6 +62,10 @@ class ReadSettings:
     retry_wait: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bad_fraction: float = 0.2
+    text: str = ""  # what travels with each image: "" nothing | captions | embeddings (precomputed)
+    embeddings: str = ""  # where the precomputed embeddings are (text = embeddings)
+    expand_ratio: float = 1.0  # shorter side resized to this x resolution before the crop
+    resize_filter: str = "bicubic"
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Sample:
     label: int  # -1 when the sample has none
     image: np.ndarray | None  # (3, R, R) uint8; None when the image could not be decoded
     problem: str = ""  # why not
+    payload: bytes = b""  # the caption (utf-8) or its float16 embedding, when text travels
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class LaneReader:
         self.settings, self.lane = settings, lane
         self._fs, self._base, self._fs_pid = None, "", -1
         self._index = lru_cache(maxsize=64)(self._load_index)
+        self._embedding_index = lru_cache(maxsize=64)(self._load_embedding_index)
 
     def _filesystem(self):
         """(filesystem, dataset path in it), made afresh in each process: s3fs instances are not fork-safe."""
@@ -106,6 +112,41 @@ class LaneReader:
                 f"{base}/{info.name}: the manifest says {info.count} samples, its index lists {len(entries)}"
             )
         return entries
+
+    def _load_embedding_index(self, shard: int) -> dict:
+        from pixelflow.data import text_store
+
+        fs, _ = self._filesystem()
+        name = self.settings.manifest.shards[shard].name.removesuffix(".tar")
+        index = text_store.read_index(
+            fs, self.settings.embeddings, name, self.settings.retries, self.settings.retry_wait
+        )
+        if index is None or len(index["entries"]) != self.settings.manifest.shards[shard].count:
+            raise ShardFormatError(
+                f"{self.settings.embeddings}: no complete caption embeddings for {name} (run `pixelflow-data "
+                f"encode-text` again: it finishes what is missing)"
+            )
+        return index
+
+    def _payloads(self, shard: int, first: int, stop: int, entries: list[SampleEntry]) -> list[bytes]:
+        """The text that travels with samples [first, stop) of a shard."""
+        if self.settings.text != "embeddings":
+            return [b""] * (stop - first)
+        from pixelflow.data import text_store
+
+        fs, _ = self._filesystem()
+        index = self._embedding_index(shard)
+        name = self.settings.manifest.shards[shard].name.removesuffix(".tar")
+        arrays = text_store.read_entries(
+            fs, self.settings.embeddings, name, index, first, stop, self.settings.retries, self.settings.retry_wait
+        )
+        for (key, _, _), entry in zip(index["entries"][first:stop], entries):
+            if key != entry.key:
+                raise ShardFormatError(
+                    f"{self.settings.embeddings}/{name}: embeddings belong to other samples ({key} for "
+                    f"{entry.key}); run `pixelflow-data encode-text` again"
+                )
+        return [array.tobytes() for array in arrays]
 
     def _epoch_entries(self, epoch: int) -> list[tuple[int, int]]:
         shards = self.settings.manifest.shards
@@ -130,7 +171,7 @@ class LaneReader:
             offset = 0
             epoch += 1
 
-    def _fetch(self, block: Block) -> list[tuple[SampleEntry, dict[str, bytes]]]:
+    def _fetch(self, block: Block) -> list[tuple[SampleEntry, dict[str, bytes], bytes]]:
         """The block's samples (in file order) with one retried ranged read per shard they come from."""
         fs, base = self._filesystem()
         out, first = [], 0
@@ -156,13 +197,19 @@ class LaneReader:
                 raise ShardFormatError(f"{path}: shard missing (its index and the manifest name it)") from None
             if len(raw) != tail.offset + tail.length - head.offset:
                 raise ShardFormatError(f"{path}: shorter than its index says (truncated?)")
-            for _, i in entries[first:stop]:
+            first_index = entries[first][1]
+            payloads = self._payloads(
+                shard, first_index, entries[stop - 1][1] + 1, [index[i] for _, i in entries[first:stop]]
+            )
+            for (_, i), payload in zip(entries[first:stop], payloads):
                 entry = index[i]
                 chunk = raw[entry.offset - head.offset : entry.offset - head.offset + entry.length]
                 members = parse_sample(chunk, f"{path} sample {entry.key}")
                 if members.get("__key__") != entry.key.encode():
                     raise ShardFormatError(f"{path}: the member at entry {entry.key!r} belongs to another key")
-                out.append((entry, members))
+                if self.settings.text == "captions":
+                    payload = members.get("txt", b"")
+                out.append((entry, members, payload))
             first = stop
         return out
 
@@ -176,22 +223,29 @@ class LaneReader:
                 upcoming = next(blocks)
                 fetched, pending = pending.result(), prefetcher.submit(self._fetch, upcoming)
                 for j in block.order[block.skip :]:
-                    entry, members = fetched[j]
-                    yield self._decode(entry, members, block.epoch, position)
+                    entry, members, payload = fetched[j]
+                    yield self._decode(entry, members, payload, block.epoch, position)
                     position += 1
                 block = upcoming
 
-    def _decode(self, entry: SampleEntry, members: dict[str, bytes], epoch: int, position: int) -> Sample:
+    def _decode(
+        self, entry: SampleEntry, members: dict[str, bytes], payload: bytes, epoch: int, position: int
+    ) -> Sample:
         label = -1 if entry.label is None else int(entry.label)
         rng = np.random.default_rng([self.settings.seed, epoch, position, self.lane])
         try:
             image = decode_crop(
-                members[entry.image], self.settings.resolution, rng, max_pixels=self.settings.max_pixels
+                members[entry.image],
+                self.settings.resolution,
+                rng,
+                max_pixels=self.settings.max_pixels,
+                expand_ratio=self.settings.expand_ratio,
+                resize_filter=self.settings.resize_filter,
             )
         except (DecodeError, KeyError) as exc:
             log.warning("skipping sample %s (lane %d): cannot decode image: %s", entry.key, self.lane, exc)
             return Sample(position, entry.key, label, None, str(exc))
-        return Sample(position, entry.key, label, image)
+        return Sample(position, entry.key, label, image, payload=payload)
 
 
 @dataclass
@@ -205,6 +259,7 @@ class ReadShare:
     labels: torch.Tensor  # (n,) int64, -1 = unlabelled
     keys: list[str]
     positions: dict[int, int]  # lane -> samples consumed once this share is used
+    payloads: list[bytes] = field(default_factory=list)  # per sample: caption or embedding, when text travels
 
 
 def slot_lanes(step: int, batch_size: int, num_lanes: int) -> np.ndarray:
@@ -267,7 +322,7 @@ class ShardStream(IterableDataset):
         while True:
             serving = slot_lanes(step, self.batch_size, self.settings.num_lanes)
             slots = np.flatnonzero(np.isin(serving, lanes))
-            images, labels, keys = [], [], []
+            images, labels, keys, payloads = [], [], [], []
             for slot in slots:
                 lane = int(serving[slot])
                 while True:  # the lane's next decodable sample
@@ -279,6 +334,7 @@ class ShardStream(IterableDataset):
                 images.append(sample.image)
                 labels.append(sample.label)
                 keys.append(sample.key)
+                payloads.append(sample.payload)
             yield ReadShare(
                 step,
                 slots,
@@ -286,6 +342,7 @@ class ShardStream(IterableDataset):
                 torch.tensor(labels, dtype=torch.int64),
                 keys,
                 dict(positions),
+                payloads,
             )
             step += 1
 
@@ -323,6 +380,10 @@ class DataStream:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bad_fraction: float = 0.2,
         first_step: int = 1,
+        text: str = "",
+        embeddings: str = "",
+        expand_ratio: float = 1.0,
+        resize_filter: str = "bicubic",
     ):
         storage_options = storage_options or {}
         fs, root = filesystem(path, **storage_options)
@@ -364,6 +425,10 @@ class DataStream:
             retry_wait,
             max_pixels,
             max_bad_fraction,
+            text,
+            embeddings,
+            expand_ratio,
+            resize_filter,
         )
         self._iterator = None
         if self.lanes:
@@ -396,8 +461,17 @@ class DataStream:
         images = torch.cat([p.images for p in pieces]) if pieces else _stack([], self.resolution)
         labels = torch.cat([p.labels for p in pieces]) if pieces else torch.zeros(0, dtype=torch.int64)
         keys = [key for p in pieces for key in p.keys]
+        payloads = [payload for p in pieces for payload in p.payloads]
         index = torch.from_numpy(order)
-        share = ReadShare(self.step, slots[order], images[index], labels[index], [keys[i] for i in order], {})
+        share = ReadShare(
+            self.step,
+            slots[order],
+            images[index],
+            labels[index],
+            [keys[i] for i in order],
+            {},
+            [payloads[i] for i in order],
+        )
         if self.num_classes:
             bad = ((share.labels >= self.num_classes) | (share.labels < -1)).nonzero().flatten().tolist()
             if bad:

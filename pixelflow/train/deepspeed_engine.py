@@ -65,6 +65,8 @@ class InputsAs(torch.nn.Module):
         self.engine, self.dtype = engine, dtype
 
     def forward(self, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("text") is not None:
+            kwargs["text"] = kwargs["text"].to(self.dtype)
         return self.engine(tokens.to(self.dtype), *args, **kwargs)
 
 

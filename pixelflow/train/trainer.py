@@ -20,6 +20,7 @@ from pixelflow.data.exchange import exchange
 from pixelflow.data.loader import DataStream, lane_reader, merge_states, slot_lanes
 from pixelflow.data.planner import StepPlan, plan_settings, plan_step
 from pixelflow.data.storage import storage_options
+from pixelflow.data.text_store import embeddings_location
 from pixelflow.model.layout import stream_pieces, to_device
 from pixelflow.parallel.ulysses import sp_slice
 from pixelflow.parallel.world import World, init_world, shutdown
@@ -27,6 +28,7 @@ from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.engine import Engine, build_engine
 from pixelflow.train.metrics import MetricsLogger, SampleKeyLog
 from pixelflow.train.signals import EXIT_FINISHED, EXIT_STOPPED, StopSignals, signal_numbers
+from pixelflow.train.text_conditioning import TextConditioner, UnitText
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +138,11 @@ def train_step(
     cfg: Config,
     schedule: CascadeSchedule,
     world: World,
+    text: UnitText | None = None,
 ) -> StepOutcome:
     """One optimizer step of this rank's unit: images and labels (on the device) are the unit's samples,
-    `plan.samples_of(unit)` in that order, trained in the plan's micro-batches.
+    `plan.samples_of(unit)` in that order (and `text` their captions' embeddings, for text models), trained
+    in the plan's micro-batches.
 
     The step's loss is the mean over the global batch of the per-sample losses, however the batch was
     split: each rank backpropagates its samples' sum / batch, times the ranks FSDP (or DeepSpeed) averages
@@ -168,8 +172,14 @@ def train_step(
                 cfg.model.class_dropout,
                 null_class,
             )
+            if text is not None:
+                caption, caption_mask = text.micro_batch(
+                    rows.index_select(0, to_device(torch.tensor(pairs.order), device)), pairs.draws
+                )
         else:
             pairs = padding_micro_batch(cfg, schedule, device, step)
+            if text is not None:
+                caption, caption_mask = text.padding()
         stream, token_range, pieces = pairs.layout.num_tokens, None, None
         model_tokens, targets = pairs.tokens, pairs.targets
         if world.sp > 1:
@@ -182,6 +192,8 @@ def train_step(
                 pairs.layout,
                 pairs.timesteps,
                 pairs.labels if cfg.model.num_classes > 0 else None,
+                text=caption if text is not None else None,
+                text_mask=caption_mask if text is not None else None,
                 token_range=token_range,
             )
         per_sample = per_sequence_mse(prediction, targets, pairs.layout, pieces)
@@ -283,7 +295,18 @@ def open_stream(cfg: Config, world: World, state: dict | None, first_step: int) 
         max_pixels=cfg.data.max_pixels,
         max_bad_fraction=cfg.data.max_bad_fraction,
         first_step=first_step,
+        text=text_payload(cfg),
+        embeddings=embeddings_location(cfg.text.embeddings, cfg.data.path) if cfg.model.text_dim else "",
+        expand_ratio=cfg.data.expand_ratio,
+        resize_filter=cfg.data.resize_filter,
     )
+
+
+def text_payload(cfg: Config) -> str:
+    """What travels with each image: nothing (class models), its caption, or its precomputed embedding."""
+    if not cfg.model.text_dim:
+        return ""
+    return "captions" if cfg.text.mode == "online" else "embeddings"
 
 
 def train(cfg: Config) -> RunResult:
@@ -313,7 +336,8 @@ def _train(cfg: Config, world: World) -> RunResult:
             log.info(
                 "%s from %s at step %d", "resumed" if source.full else "weights loaded", source.path, progress.step
             )
-        # a bad dataset stops the run before it writes
+        # a missing text encoder or a bad dataset stops the run before it writes
+        conditioner = TextConditioner(cfg, world) if cfg.model.text_dim else None
         data = open_stream(cfg, world, progress.data_state, progress.step + 1)
         cleanup.callback(data.close)
         run_dir = prepare_run_dir(cfg, world)
@@ -337,8 +361,11 @@ def _train(cfg: Config, world: World) -> RunResult:
             step += 1
             plan = plan_step(settings, step)
             readers = lane_reader(slot_lanes(step, cfg.train.global_batch, data.num_lanes), world.dp_size)
-            images, labels = exchange(share, plan, readers, world.dp_rank, exchange_group, world.device)
-            outcome = train_step(engine, images, labels, plan, step, cfg, schedule, world)
+            images, labels, payloads = exchange(
+                share, plan, readers, world.dp_rank, exchange_group, world.device, conditioner is not None
+            )
+            text = conditioner.unit(payloads) if conditioner else None
+            outcome = train_step(engine, images, labels, plan, step, cfg, schedule, world, text)
             grad_norm = outcome.grad_norm
             if not torch.isfinite(grad_norm):  # the same on every rank: the norm is global
                 if cfg.train.nonfinite == "stop" or cfg.engine == "deepspeed":  # DeepSpeed has applied it

@@ -1,0 +1,75 @@
+"""The frozen text encoder (T5) of text-to-image models: beside the trained model, never inside it.
+
+It is loaded with transformers from a local directory (a saved model or a hub cache snapshot holding the
+encoder weights and its tokenizer); nothing is ever downloaded. It is outside the optimizer, the EMA and
+checkpoints, runs without gradients (bf16 on CUDA, float32 on CPU), and can be FSDP-sharded over the data
+ranks (`text.shard_encoder`) instead of replicated. Captions are padded to the longest in each call, not to
+`max_tokens`: padded positions are masked in cross-attention and zeroed here, so they change nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pixelflow.config import ConfigError
+
+
+def check_encoder_path(path: str | None) -> Path:
+    """The encoder directory, or one clear error naming what is missing."""
+    if not path:
+        raise ConfigError(
+            "text.encoder: not set; a text-conditioned model (model.text_dim) needs a local T5 encoder directory "
+            "(e.g. a saved google/flan-t5-xl, or `pixelflow-data tiny-text-encoder` for tests and demos)"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"text.encoder: {folder}: no such directory (nothing is downloaded; give a local copy)")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"text.encoder: {folder}: no config.json (not a saved transformers model)")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
+        raise ConfigError(f"text.encoder: {folder}: no tokenizer files (tokenizer.json or spiece.model)")
+    return folder
+
+
+class TextEncoder:
+    def __init__(self, path: str | None, max_tokens: int, device: torch.device):
+        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        folder = check_encoder_path(path)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.device, self.max_tokens = device, max_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.dim = int(model.config.d_model)
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def shard(self, mesh) -> None:
+        """FSDP2-shard the encoder's blocks over `mesh` (every rank must then encode in step)."""
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.model.encoder.block:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        fully_shard(self.model, mesh=mesh, reshard_after_forward=True)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) float32 token embeddings, zero at padding, and the (B, L) mask (1 = token), L the longest
+        caption in tokens (at most max_tokens, with T5's end token)."""
+        tokens = self.tokenizer(
+            list(captions) or [""], padding="longest", max_length=self.max_tokens, truncation=True, return_tensors="pt"
+        )
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        hidden = hidden * mask[..., None]
+        return hidden[: len(captions)], mask[: len(captions)]
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's (1, L, D) embedding and mask, computed once (caption dropout, guidance)."""
+        if self._empty is None:
+            self._empty = self.encode([""])
+        return self._empty

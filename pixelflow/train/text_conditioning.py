@@ -1,0 +1,90 @@
+"""Caption embeddings for the trainer: from the step's captions (text.mode=online, the frozen T5 on the
+training ranks) or from embeddings stored by `pixelflow-data encode-text` (precomputed). Either way a
+unit's samples get (n, L, D) float32 embeddings with a mask, and each micro-batch takes its rows in stream
+order, replaces the dropped captions (caption dropout, decided by the sample's own draw like label dropout)
+with the empty caption's embedding, and trims the padding to its longest caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pixelflow.config import Config, ConfigError
+from pixelflow.data.storage import filesystem, storage_options
+from pixelflow.data.text_store import embeddings_location, read_info
+from pixelflow.parallel.world import World
+
+
+@dataclass
+class UnitText:
+    """The text side of one unit's samples for one step."""
+
+    embeddings: torch.Tensor  # (n, L, D) float32, zero at padding
+    mask: torch.Tensor  # (n, L) 1 = token
+    empty: torch.Tensor  # (1, Le, D) the empty caption
+    empty_mask: torch.Tensor  # (1, Le)
+    dropout: float
+
+    def micro_batch(self, rows: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, mask) for a micro-batch: `rows` of the unit's samples in stream order, their dropout draws."""
+        text, mask = self.embeddings.index_select(0, rows), self.mask.index_select(0, rows)
+        dropped = draws < self.dropout
+        if bool(dropped.any()):
+            length = max(text.shape[1], self.empty.shape[1])
+            text, mask = pad_tokens(text, mask, length)
+            empty, empty_mask = pad_tokens(self.empty, self.empty_mask, length)
+            text = torch.where(dropped[:, None, None], empty.expand_as(text), text)
+            mask = torch.where(dropped[:, None], empty_mask.expand_as(mask), mask)
+        longest = int(mask.sum(1).max()) if mask.numel() else 1
+        return text[:, :longest], mask[:, :longest]
+
+    def padding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text of a padding micro-batch's one sample."""
+        return self.empty, self.empty_mask
+
+
+def pad_tokens(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = length - text.shape[1]
+    return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+
+class TextConditioner:
+    def __init__(self, cfg: Config, world: World):
+        self.device, self.dropout, self.encoder = world.device, cfg.text.dropout, None
+        if cfg.text.mode == "online":
+            from pixelflow.model.text_encoder import TextEncoder
+
+            self.encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, world.device)
+            if cfg.text.shard_encoder and world.distributed:
+                self.encoder.shard(world.fsdp_mesh)
+            self.empty, self.empty_mask = self.encoder.empty()
+            self.dim, source = self.encoder.dim, f"text.encoder {cfg.text.encoder}"
+        else:
+            location = embeddings_location(cfg.text.embeddings, cfg.data.path)
+            fs, base = filesystem(location, **storage_options(location, cfg.data.endpoint_url))
+            info, empty = read_info(fs, base)
+            self.empty = torch.from_numpy(empty.astype(np.float32))[None].to(world.device)
+            self.empty_mask = torch.ones(self.empty.shape[:2], dtype=torch.int64, device=world.device)
+            self.dim, source = int(info["dim"]), f"the embeddings in {location} ({info['encoder']})"
+        if self.dim != cfg.model.text_dim:
+            raise ConfigError(f"model.text_dim = {cfg.model.text_dim} but {source} gives {self.dim}-wide tokens")
+
+    def unit(self, payloads: list[bytes]) -> UnitText:
+        """The text of a unit's samples from what travelled with them (every rank calls this once a step:
+        a sharded encoder needs them in step)."""
+        if self.encoder is not None:
+            embeddings, mask = self.encoder.encode([p.decode("utf-8", "replace") for p in payloads])
+        else:
+            arrays = [np.frombuffer(p, dtype=np.float16).reshape(-1, self.dim) for p in payloads]
+            longest = max((len(a) for a in arrays), default=1)
+            embeddings = torch.zeros((len(arrays), longest, self.dim))
+            mask = torch.zeros((len(arrays), longest), dtype=torch.int64)
+            for row, array in enumerate(arrays):
+                embeddings[row, : len(array)] = torch.from_numpy(array.astype(np.float32))
+                mask[row, : len(array)] = 1
+            embeddings, mask = embeddings.to(self.device), mask.to(self.device)
+        return UnitText(embeddings, mask, self.empty, self.empty_mask, self.dropout)
