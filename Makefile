@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 DEMO_CLASSES := 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo demo-t2i test lint format clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,14 @@ demo: setup
 	$(PY) -m pixelflow sample --checkpoint runs/demo --out runs/demo/samples/grid.png \
 		--classes $(DEMO_CLASSES) --per-class 2
 
+demo-t2i: setup
+	rm -rf runs/demo_t2i
+	test -f demo_data/manifest.json || $(PY) -m data_tools synth demo_data --count 2048 --per-shard 256
+	test -f demo_t5/config.json || $(PY) -m data_tools tiny-text-encoder demo_data demo_t5
+	$(PY) -m pixelflow train configs/demo_t2i.yaml
+	$(PY) -m pixelflow sample --checkpoint runs/demo_t2i --out runs/demo_t2i/samples/grid.png --per-class 2 \
+		--prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" --prompt "a yellow diamond"
+
 test: setup lint
 	$(PY) -m pytest
 
@@ -36,4 +44,4 @@ format: setup
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf $(VENV) runs demo_data .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs demo_data demo_t5 .pytest_cache .ruff_cache

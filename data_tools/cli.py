@@ -29,18 +29,40 @@ def _tiny_text_encoder(args: argparse.Namespace) -> None:
     print(f"wrote {tiny_text_encoder(args.dataset, args.output, args.dim, args.layers, options)}")
 
 
-def _encode_text(args: argparse.Namespace) -> None:
+def run_encode_text(args: argparse.Namespace, part: tuple[int, int] | None = None):
+    """Encode as the parsed arguments say (part i of n of the shards with part, or --part I/N)."""
     from data_tools.text import encode_text
 
-    part = None
-    if args.part:
-        index, count = (int(x) for x in args.part.split("/"))
+    if part is None and getattr(args, "part", None):
+        try:
+            index, count = (int(x) for x in args.part.split("/"))
+        except ValueError:
+            raise ConfigError(f"--part {args.part}: must be I/N, e.g. 0/4") from None
+        if not 0 <= index < count:
+            raise ConfigError(f"--part {args.part}: I must be in 0..N-1")
         part = (index, count)
     options = storage_options(args.dataset, args.endpoint_url)
     report = encode_text(
         args.dataset, args.encoder, args.out, args.max_tokens, args.batch, args.device, part, options, not args.quiet
     )
     print(json.dumps(asdict(report)))
+    return report
+
+
+def _encode_text(args: argparse.Namespace) -> None:
+    run_encode_text(args)
+
+
+def add_encode_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATASET and the encode-text options (shared with `pixelflow-launch encode-text`)."""
+    parser.add_argument("dataset", help="dataset directory or s3://bucket/prefix")
+    parser.add_argument("--encoder", required=True, help="local T5 encoder directory (as text.encoder)")
+    parser.add_argument("--out", help="where to write (default: DATASET/text-embeddings; text.embeddings)")
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=64, help="captions per forward")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,15 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a frozen T5 encoder over every shard's captions and store the unpadded float16 token "
         "embeddings beside the shards. Rerunning skips shards already encoded.",
     )
-    encode.add_argument("dataset", help="dataset directory or s3://bucket/prefix")
-    encode.add_argument("--encoder", required=True, help="local T5 encoder directory (as text.encoder)")
-    encode.add_argument("--out", help="where to write (default: DATASET/text-embeddings; text.embeddings)")
-    encode.add_argument("--max-tokens", type=int, default=512)
-    encode.add_argument("--batch", type=int, default=64, help="captions per forward")
-    encode.add_argument("--device", default="cpu")
+    add_encode_text_arguments(encode)
     encode.add_argument("--part", help="I/N: encode every N-th shard from the I-th (one task of an array)")
-    encode.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths")
-    encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(func=_encode_text)
     return parser
 

@@ -1,5 +1,5 @@
 """`pixelflow-launch` (also `python -m launch`): submit training to SLURM, watch it, cancel it, run it locally,
-ingest as a job array. Thin: parses, then calls launch.slurm / launch.local / launch.ingest."""
+ingest and encode-text as job arrays. Thin: parses, then calls launch.slurm / launch.local / launch.arrays."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_tools.cli import add_ingest_arguments
+from data_tools.cli import add_encode_text_arguments, add_ingest_arguments
 from data_tools.ingest import IngestError
 from launch.slurm import LaunchError
 from pixelflow.cli import USER_ERRORS, run_command
@@ -50,24 +50,57 @@ def _local(args: argparse.Namespace) -> int:
     return run_local(run_dir / "config.yaml", args.nproc)
 
 
-def _ingest(args: argparse.Namespace) -> None:
-    from launch.ingest import submit_ingest
-
+def check_tasks(args: argparse.Namespace) -> list[int]:
     if args.tasks < 1:
         raise LaunchError(f"--tasks {args.tasks}: must be at least 1")
     bad = [task for task in args.task or [] if not 0 <= task < args.tasks]
     if bad:
         raise LaunchError(f"--task {bad[0]}: must be in 0..{args.tasks - 1}")
-    slurm = SlurmConfig(
+    return args.task or list(range(args.tasks))
+
+
+def array_slurm(args: argparse.Namespace, job_name: str) -> SlurmConfig:
+    return SlurmConfig(
         partition=args.partition,
         cpus_per_task=args.cpus_per_task,
+        gpus_per_node=args.gpus,
         mem_gb=args.mem_gb,
         time_min=args.time_min,
-        job_name="pixelflow-ingest",
+        job_name=job_name,
     )
-    tasks, final = submit_ingest(args, slurm, args.task or list(range(args.tasks)))
-    print(f"submitted array tasks {' '.join(tasks)}")
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from data_tools.cli import run_ingest
+    from launch.arrays import absolute, submit_array
+
+    tasks = check_tasks(args)
+    args.input, args.output, args.quiet = absolute(args.input), absolute(args.output), True
+    ids, final = submit_array(args, array_slurm(args, "pixelflow-ingest"), tasks, run_ingest, final=True)
+    print(f"submitted array tasks {' '.join(ids)}")
     print(f"submitted final step {final} (manifest and report; runs once every task succeeded)")
+
+
+def _encode_text(args: argparse.Namespace) -> None:
+    from data_tools.cli import run_encode_text
+    from launch.arrays import absolute, submit_array
+
+    tasks = check_tasks(args)
+    args.dataset, args.encoder, args.quiet = absolute(args.dataset), absolute(args.encoder), True
+    args.out = absolute(args.out) if args.out else None
+    ids, _ = submit_array(args, array_slurm(args, "pixelflow-encode-text"), tasks, run_encode_text, final=False)
+    print(f"submitted array tasks {' '.join(ids)}")
+
+
+def add_array_arguments(parser: argparse.ArgumentParser, logs: str) -> None:
+    parser.add_argument("--tasks", type=int, required=True, help="array tasks")
+    parser.add_argument("--task", type=int, action="append", help="submit only this task (again); repeatable")
+    parser.add_argument("--logs", default=logs, help=f"folder for the jobs' logs (default {logs})")
+    parser.add_argument("--partition")
+    parser.add_argument("--cpus-per-task", type=int, default=1)
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs per task (default 0)")
+    parser.add_argument("--mem-gb", type=float, default=0)
+    parser.add_argument("--time-min", type=int, default=24 * 60)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,14 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="pixelflow-data ingest split over --tasks array tasks plus a final step (manifest, report).",
     )
     add_ingest_arguments(ingest)
-    ingest.add_argument("--tasks", type=int, required=True, help="array tasks")
-    ingest.add_argument("--task", type=int, action="append", help="submit only this task (again); repeatable")
-    ingest.add_argument("--logs", default="ingest_logs", help="folder for the jobs' logs (default ingest_logs)")
-    ingest.add_argument("--partition")
-    ingest.add_argument("--cpus-per-task", type=int, default=1)
-    ingest.add_argument("--mem-gb", type=float, default=0)
-    ingest.add_argument("--time-min", type=int, default=24 * 60)
+    add_array_arguments(ingest, "ingest_logs")
     ingest.set_defaults(func=_ingest)
+
+    encode = commands.add_parser(
+        "encode-text",
+        help="precompute caption embeddings as a SLURM job array",
+        description="pixelflow-data encode-text split over --tasks array tasks (every N-th shard each).",
+    )
+    add_encode_text_arguments(encode)
+    add_array_arguments(encode, "encode_logs")
+    encode.set_defaults(func=_encode_text)
     return parser
 
 

@@ -190,3 +190,31 @@ def test_array_ingest_writes_what_a_local_ingest_writes(tmp_path, slurm_cluster)
     merged = json.loads(report.read_text())
     assert {k: merged[k] for k in counts} == {k: expected[k] for k in counts}
     assert merged["written"] == 36 and sum(merged["skipped"].values()) == 2  # the tiny and the broken file
+
+
+def test_array_encode_text_writes_what_a_local_encode_writes(tmp_path, shapes_dataset, slurm_cluster):
+    from data_tools.text import encode_text, tiny_text_encoder
+
+    encoder = tiny_text_encoder(str(shapes_dataset), str(tmp_path / "t5"), dim=8)
+    encode_text(str(shapes_dataset), encoder, str(tmp_path / "local"), progress=False)
+    done = launch(
+        "encode-text",
+        str(shapes_dataset),
+        "--encoder",
+        encoder,
+        "--out",
+        str(tmp_path / "array"),
+        "--tasks",
+        "3",
+        "--logs",
+        str(tmp_path / "logs"),
+    )
+    jobs = done.stdout.split()[3:]
+    assert len(jobs) == 3
+    assert [wait_final(job, 240) for job in jobs] == ["COMPLETED"] * 3
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert len(files(tmp_path / "local")) == 2 + 2 * 6  # encoder info, empty caption, 6 shards x (data, index)
+    assert files(tmp_path / "array") == files(tmp_path / "local")

@@ -1,0 +1,289 @@
+"""Image-text training: the frozen T5 encoder, captions and precomputed embeddings through the data path,
+caption dropout, text-to-image training on one process and distributed, and prompt sampling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.text import encode_text, tiny_text_encoder
+from pixelflow.cascade import CascadeSchedule, build_training_batch
+from pixelflow.config import ConfigError, ModelConfig
+from pixelflow.model import PackedLayout, PixelFlowTransformer
+from pixelflow.model.layout import patchify
+from pixelflow.model.text_encoder import TextEncoder
+from pixelflow.train.checkpoint import read_weights
+from pixelflow.train.text_conditioning import UnitText
+from pixelflow.train.trainer import train
+from tests.conftest import REPO, tiny_config
+from tests.s3 import free_port
+
+TEXT_DIM = 16
+
+
+@pytest.fixture(scope="session")
+def text_encoder_dir(tmp_path_factory, shapes_dataset):
+    """A tiny random-weight T5 encoder with a tokenizer trained on the shapes captions."""
+    return tiny_text_encoder(str(shapes_dataset), str(tmp_path_factory.mktemp("t5") / "t5"), dim=TEXT_DIM)
+
+
+def t2i(run_dir, data, encoder, *overrides):
+    return tiny_config(
+        run_dir,
+        data,
+        "model.num_classes=0",
+        "model.class_dropout=0.0",
+        f"model.text_dim={TEXT_DIM}",
+        f"text.encoder={encoder}",
+        "text.dropout=0.25",
+        *overrides,
+    )
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_encoder_pads_to_the_longest_caption_and_padding_changes_nothing(text_encoder_dir):
+    encoder = TextEncoder(text_encoder_dir, 512, torch.device("cpu"))
+    both, mask = encoder.encode(["a red circle", "a green triangle and a blue square"])
+    alone, _ = encoder.encode(["a red circle"])
+    assert mask[0].sum() == 4 and mask[1].sum() == mask.shape[1] == 8  # words + </s>
+    assert torch.allclose(both[0, :4], alone[0], atol=1e-6) and both[0, 4:].abs().max() == 0
+    short, short_mask = TextEncoder(text_encoder_dir, 3, torch.device("cpu")).encode(["a green triangle and more"])
+    assert short.shape[1] == 3 and short_mask.sum() == 3  # truncated to text.max_tokens
+
+
+def tiny_text_model() -> PixelFlowTransformer:
+    torch.manual_seed(0)
+    model = PixelFlowTransformer(
+        ModelConfig(depth=2, num_heads=2, head_dim=8, patch_size=2, num_classes=0, text_dim=TEXT_DIM)
+    )
+    for block in model.blocks:  # the zero-initialised modulation would hide the text path
+        torch.nn.init.normal_(block.modulation.weight, std=0.1)
+    torch.nn.init.normal_(model.final.proj.weight, std=0.1)
+    return model.eval()
+
+
+def test_masked_text_tokens_do_not_change_outputs():
+    model = tiny_text_model()
+    images, t = torch.randn(2, 3, 8, 8), torch.rand(2) * 999
+    text = torch.randn(2, 3, TEXT_DIM)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    garbage = text.clone()
+    garbage[0, 2] = 1e3  # the masked token of sample 0
+    longer, longer_mask = torch.cat([text, torch.randn(2, 4, TEXT_DIM)], 1), torch.cat([mask, torch.zeros(2, 4)], 1)
+    with torch.no_grad():
+        reference = model.forward_images(images, t, None, text, mask)
+        assert torch.allclose(model.forward_images(images, t, None, garbage, mask), reference, atol=1e-6)
+        assert torch.allclose(model.forward_images(images, t, None, longer, longer_mask.long()), reference, atol=1e-6)
+        assert not torch.allclose(model.forward_images(images, t, None, torch.randn_like(text), mask), reference)
+
+
+def test_packed_stream_with_text_equals_each_image_alone():
+    model = tiny_text_model()
+    sides = [4, 4, 2, 1]
+    images = [torch.randn(1, 3, 2 * s, 2 * s) for s in sides]
+    t = torch.rand(4) * 999
+    text, mask = torch.randn(4, 5, TEXT_DIM), torch.tensor([[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    tokens = torch.cat([patchify(image, 2) for image in images])
+    with torch.no_grad():
+        packed = model(tokens, PackedLayout.from_sides(sides), t, None, text, mask)
+        start = 0
+        for i, (side, image) in enumerate(zip(sides, images)):
+            alone = model(
+                patchify(image, 2),
+                PackedLayout.from_sides([side]),
+                t[i : i + 1],
+                None,
+                text[i : i + 1],
+                mask[i : i + 1],
+            )
+            assert torch.allclose(packed[start : start + side * side], alone, atol=1e-5)
+            start += side * side
+
+
+def test_caption_dropout_follows_each_samples_own_draw():
+    schedule = CascadeSchedule.build(4)
+    images, labels = torch.zeros(400, 3, 16, 16, dtype=torch.uint8), torch.zeros(400, dtype=torch.long)
+    stages = [i % 4 for i in range(400)]
+    pairs = build_training_batch(images, labels, stages, schedule, 2, 0, 7, list(range(400)))
+    again = build_training_batch(images[:100], labels[:100], stages[:100], schedule, 2, 0, 7, list(range(100)))
+    by_sample = dict(zip(pairs.order, pairs.draws.tolist()))
+    assert all(by_sample[i] == d for i, d in zip(again.order, again.draws.tolist()))  # keyed by sample, not batch
+    text = UnitText(
+        torch.ones(400, 3, TEXT_DIM),
+        torch.ones(400, 3, dtype=torch.long),
+        torch.zeros(1, 1, TEXT_DIM),
+        torch.ones(1, 1, dtype=torch.long),
+        dropout=0.25,
+    )
+    embedded, mask = text.micro_batch(torch.tensor(pairs.order), pairs.draws)
+    dropped = (mask.sum(1) == 1) & (embedded[:, 0].abs().sum(1) == 0)
+    assert torch.equal(dropped, pairs.draws < 0.25)
+    assert 0.18 < dropped.float().mean() < 0.32  # 100 of 400 expected
+
+
+def test_online_and_precomputed_embeddings_train_the_same_and_resume_exactly(
+    tmp_path, shapes_dataset, text_encoder_dir
+):
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(shapes_dataset, data)
+    report = encode_text(str(data), text_encoder_dir, progress=False)
+    assert (report.encoded, report.skipped) == (6, 0)
+    rerun = encode_text(str(data), text_encoder_dir, progress=False)
+    assert (rerun.encoded, rerun.skipped) == (0, 6)  # finished shards are kept
+    online = train(t2i(tmp_path / "online", data, text_encoder_dir)).run_dir
+    precomputed = train(t2i(tmp_path / "pre", data, "null", "text.mode=precomputed")).run_dir
+    assert np.allclose(losses(precomputed), losses(online), rtol=1e-3)  # float16 storage
+    split = tmp_path / "split"
+    train(t2i(split, data, text_encoder_dir, "train.steps=3"))
+    train(t2i(split, data, text_encoder_dir))
+    assert losses(split) == losses(online)
+    for which in ("model", "ema"):
+        whole, resumed = read_weights(online, which)[0], read_weights(split, which)[0]
+        assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    first_loss, last_loss = losses(online)[0], losses(online)[-1]
+    assert last_loss < first_loss
+
+
+def test_a_missing_encoder_is_one_error_line_and_touches_nothing(tmp_path, shapes_dataset):
+    with pytest.raises(ConfigError, match="text.encoder: .*nowhere: no such directory"):
+        train(t2i(tmp_path / "run", shapes_dataset, str(tmp_path / "nowhere")))
+    assert not (tmp_path / "run").exists()
+    command = [
+        sys.executable,
+        "-m",
+        "pixelflow",
+        "train",
+        "configs/demo_t2i.yaml",
+        f"run_dir={tmp_path / 'run'}",
+        f"data.path={shapes_dataset}",
+        "text.encoder=/no/such/t5",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "pixelflow: error: text.encoder: /no/such/t5: no such directory (nothing is downloaded; give a local copy)"
+    )
+
+
+@pytest.mark.slow
+def test_text_to_image_on_two_and_four_ranks_equals_one_process(tmp_path, shapes_dataset, text_encoder_dir):
+    env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in __import__("os").environ.items()}}
+    trajectories = []
+    for procs, layout in [
+        (1, []),
+        (2, ["parallel.dp_shard=2", "data.num_workers=2"]),
+        (4, ["parallel.dp_shard=2", "parallel.sp=2"]),
+    ]:
+        run_dir = tmp_path / f"ranks-{procs}"
+        overrides = [
+            f"run_dir={run_dir}",
+            f"data.path={shapes_dataset}",
+            f"text.encoder={text_encoder_dir}",
+            f"model.text_dim={TEXT_DIM}",
+            "data.resolution=32",
+            "data.num_workers=0",
+            "data.shuffle_block=16",
+            "model.depth=2",
+            "model.num_heads=2",
+            "model.head_dim=16",
+            "train.global_batch=8",
+            "train.steps=4",
+            "train.log_every=1",
+            "text.dropout=0.25",
+            *layout,
+        ]
+        launcher = (
+            [sys.executable]
+            if procs == 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(procs),
+                "--master_port",
+                str(free_port()),
+            ]
+        )
+        done = subprocess.run(
+            launcher + ["-m", "pixelflow", "train", "configs/demo_t2i.yaml", *overrides],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        trajectories.append(losses(run_dir))
+    for trajectory in trajectories[1:]:
+        assert np.allclose(trajectory, trajectories[0], rtol=1e-5, atol=0)
+
+
+def test_prompt_sampling_from_a_trained_run_and_a_converted_official_checkpoint(
+    tmp_path, shapes_dataset, text_encoder_dir
+):
+    from pixelflow.compat import convert_official
+    from tests.test_compat import write_reference
+
+    run_dir = train(t2i(tmp_path / "run", shapes_dataset, text_encoder_dir, "train.steps=2")).run_dir
+    write_reference(tmp_path / "official", text_dim=TEXT_DIM, classes=0)
+    convert_official(tmp_path / "official", tmp_path / "converted")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    for checkpoint in (run_dir, tmp_path / "converted"):
+        out = tmp_path / f"{checkpoint.name}.png"
+        command = [
+            sys.executable,
+            "-m",
+            "pixelflow",
+            "sample",
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--prompt-file",
+            str(prompts),
+            "--prompt",
+            "a green triangle",
+            "--negative-prompt",
+            "a yellow",
+            "--text-encoder",
+            text_encoder_dir,
+            "--steps",
+            "2",
+            "--per-class",
+            "2",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        from PIL import Image
+
+        assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 prompts x 2 images of 32 px, 2 px gutters
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pixelflow",
+            "sample",
+            "--checkpoint",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "x.png"),
+            "--text-encoder",
+            text_encoder_dir,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and "needs --prompt" in done.stderr
