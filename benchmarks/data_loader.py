@@ -2,9 +2,11 @@
 
 Starts a local S3 server (moto_server on 127.0.0.1), writes ImageNet-like JPEGs (500x375, about 120 KB),
 ingests them to S3 (ingest images/s per process), then reads the shards with one DataLoader worker each way:
-- plain: webdataset over s3fs, Pillow decode, bicubic resize of the shorter side to 256, random 256 crop, flip;
+- plain: webdataset over s3fs, Pillow decode, the reference's transform: LANCZOS resize of the shorter side
+  to 1.125 x 256 = 288, random 256 crop, flip;
 - pixelflow: DataStream (lanes, block shuffle, resume cursors, retries) with the same output size and
-  bicubic antialiased resampling (torch's uint8 kernel, within one grey level of Pillow's).
+  expand ratio, once with `bicubic` (torch's antialiased uint8 kernel, the default) and once with `lanczos`
+  (Pillow's, as the plain pipeline).
 
     python benchmarks/data_loader.py --images 512 --epochs 3
 Prints one JSON line per measurement.
@@ -43,7 +45,7 @@ def imagenet_like(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def plain_pipeline(urls: list[str], endpoint: str, batch: int):
+def plain_pipeline(urls: list[str], endpoint: str, batch: int, side: int):
     """What a user would write: webdataset over s3fs, Pillow decode + resize + random crop + flip."""
     import importlib
 
@@ -59,9 +61,9 @@ def plain_pipeline(urls: list[str], endpoint: str, batch: int):
 
     def transform(sample):
         image = sample["jpg"]
-        scale = 256 / min(image.size)
+        scale = side / min(image.size)
         image = image.resize(
-            (max(256, round(image.width * scale)), max(256, round(image.height * scale))), Image.BICUBIC
+            (max(side, round(image.width * scale)), max(side, round(image.height * scale))), Image.LANCZOS
         )
         left, top = np.random.randint(0, image.width - 255), np.random.randint(0, image.height - 255)
         image = image.crop((left, top, left + 256, top + 256))
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=64)
     parser.add_argument("--epochs", type=float, default=2.0, help="images read per pipeline, in dataset passes")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--expand-ratio", type=float, default=1.125, help="shorter side / crop (the reference's)")
     args = parser.parse_args()
     os.environ.update(CREDENTIALS)
     with MotoServer() as server, tempfile.TemporaryDirectory() as scratch:
@@ -121,29 +124,40 @@ def main() -> None:
         )
         count = int(args.images * args.epochs)
         urls = [f"s3://bench/imagenet/shard-{n:06d}.tar" for n in range(report.shards)]
-        plain = throughput(plain_pipeline(urls, server.endpoint, args.batch), count, args.batch)
-        ours_stream = DataStream(
-            path,
-            args.batch,
-            256,
-            seed=0,
-            num_workers=1,
-            shuffle_block=256,
-            storage_options=storage_options(path, server.endpoint),
-        )
-        ours = throughput(ours_stream, count, args.batch)
-        for name, value in (("plain webdataset + Pillow", plain), ("pixelflow DataStream", ours)):
+        side = round(256 * args.expand_ratio)
+        results = {
+            "plain webdataset + Pillow": throughput(
+                plain_pipeline(urls, server.endpoint, args.batch, side), count, args.batch
+            )
+        }
+        for resize_filter in ("bicubic", "lanczos"):
+            stream = DataStream(
+                path,
+                args.batch,
+                256,
+                seed=0,
+                num_workers=1,
+                shuffle_block=256,
+                storage_options=storage_options(path, server.endpoint),
+                expand_ratio=args.expand_ratio,
+                resize_filter=resize_filter,
+            )
+            results[f"pixelflow DataStream, {resize_filter}"] = throughput(stream, count, args.batch)
+            stream.close()
+        plain = results["plain webdataset + Pillow"]
+        for name, value in results.items():
             emit(
                 {
                     "bench": "data_loader",
                     "pipeline": name,
                     "workers": 1,
                     "resolution": 256,
+                    "expand_ratio": args.expand_ratio,
                     "images": count,
                     "img_per_s_per_worker": round(value, 1),
+                    "speedup": round(value / plain, 2),
                 }
             )
-        emit({"bench": "data_loader", "speedup": round(ours / plain, 2)})
 
 
 if __name__ == "__main__":

@@ -175,3 +175,24 @@ def test_decode_resizes_crops_and_rejects_garbage():
     assert abs(int(crop[0].mean()) - 200) <= 2
     with pytest.raises(DecodeError):
         decode_crop(b"garbage", 32, rng)
+
+
+def test_expand_ratio_resizes_past_the_crop_and_both_filters_agree():
+    """The reference's recipe: shorter side to 1.125 x the crop (LANCZOS), then a random square crop."""
+    rng = np.random.default_rng(0)
+    gradient = np.linspace(0, 255, 64, dtype=np.float32)
+    pixels = np.stack([np.add.outer(gradient, gradient) / 2] * 3, -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    crops = {
+        decode_crop(data, 32, np.random.default_rng(seed), flip=False, expand_ratio=1.125)[0, 0, 0]
+        for seed in range(20)
+    }
+    assert len(crops) > 1  # the 36-pixel resize leaves room for the crop to move
+    assert {decode_crop(data, 32, np.random.default_rng(s), flip=False)[0, 0, 0] for s in range(20)} == {
+        decode_crop(data, 32, rng, flip=False)[0, 0, 0]
+    }  # ratio 1: the crop is the whole resized image
+    bicubic = decode_crop(data, 32, np.random.default_rng(1), expand_ratio=1.125).astype(int)
+    lanczos = decode_crop(data, 32, np.random.default_rng(1), expand_ratio=1.125, resize_filter="lanczos")
+    assert lanczos.shape == (3, 32, 32) and np.abs(bicubic - lanczos).mean() < 2.0
