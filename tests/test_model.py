@@ -134,3 +134,18 @@ def test_cross_attention_on_a_slice_of_the_stream_equals_that_slice_of_the_whole
             dataclasses.replace(ctx, text=text, text_bias=bias),
         )
         assert torch.allclose(piece[: min(stop, 40) - start], whole[start:stop], atol=1e-6)
+
+
+def test_modulation_runs_in_float32_whatever_the_input_dtype():
+    """1 + scale is formed in float32 (the reference's), not rounded to bf16 first."""
+    from pixelflow.model.transformer import modulate
+
+    x = torch.full((1, 4), 3.0, dtype=torch.bfloat16)
+    scale = torch.full((1, 4), 2.0**-9, dtype=torch.bfloat16)  # 1 + 2^-9 rounds to 1 in bf16
+    shift = -x  # what survives is x * scale: lost entirely when 1 + scale is rounded first
+    exact = (x.double() * (1 + scale.double()) + shift.double()).to(torch.bfloat16)
+    assert exact.abs().min() > 0
+    assert torch.equal(modulate(x, shift, scale), exact) and modulate(x, shift, scale).dtype == torch.bfloat16
+    assert not torch.equal(x * (1 + scale) + shift, exact)  # the bf16 rounding this avoids
+    x32 = torch.randn(3, 8)
+    assert modulate(x32, shift.float()[:, :1], scale.float()[:, :1]).dtype == torch.float32

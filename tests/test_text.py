@@ -177,11 +177,12 @@ def test_a_missing_encoder_is_one_error_line_and_touches_nothing(tmp_path, shape
 
 @pytest.mark.slow
 def test_text_to_image_on_two_and_four_ranks_equals_one_process(tmp_path, shapes_dataset, text_encoder_dir):
+    """FSDP2 on 2 ranks (with the encoder FSDP-sharded too) and dp_shard=2 x sp=2 log one process's losses."""
     env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in __import__("os").environ.items()}}
     trajectories = []
     for procs, layout in [
         (1, []),
-        (2, ["parallel.dp_shard=2", "data.num_workers=2"]),
+        (2, ["parallel.dp_shard=2", "data.num_workers=2", "text.shard_encoder=true"]),
         (4, ["parallel.dp_shard=2", "parallel.sp=2"]),
     ]:
         run_dir = tmp_path / f"ranks-{procs}"

@@ -20,7 +20,10 @@ from pixelflow.model.layout import PackedLayout, expand_to_tokens, patchify, str
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift in float32, as the reference computes it, returned in x's dtype: under bf16
+    autocast the modulation projection's output is bf16, and 1 + scale rounded to bf16 keeps only 8 bits of
+    a small scale."""
+    return (x.float() * (1 + scale.float()) + shift.float()).to(x.dtype)
 
 
 class FeedForward(nn.Module):
