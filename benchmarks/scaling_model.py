@@ -7,8 +7,8 @@
 Per step and rank it counts the payload of every collective (the all-gather output, the reduce-scatter
 input, the all-reduce buffer, the all-to-all input) and its wire bytes under ring algorithms:
 - FSDP2 over dp_shard x sp (S ranks): per micro-batch one all-gather of the parameters in forward and one
-  in backward (the blocks reshard after forward; the root's own parameters stay gathered) in the
-  parameter dtype, one reduce-scatter of the gradients in float32; wire (S-1)/S of each;
+  in backward (every module, the root too, reshards after forward when S > 1, as `parallelize` sets it) in
+  the parameter dtype, one reduce-scatter of the gradients in float32; wire (S-1)/S of each;
 - HSDP over dp_replicate (R replicas): per micro-batch an all-reduce of the S-th gradient shard, wire
   2(R-1)/R;
 - Ulysses over sp: 4 all-to-alls per block in forward (q, k, v to heads, the output back) and 4 in
@@ -41,7 +41,7 @@ from pixelflow.data.planner import CostModel, PlanSettings, plan_step, stage_tok
 
 # the H200 figure of benchmarks/RESULTS.md: XL/4, 256 px, compiled, 64 images per step in micro-batches of 16
 DEFAULT_MEASURED = {"bench": "train_step", "device": "NVIDIA H200", "batch": 64, "micro": 16, "step_s": 1.1111}
-XL = {"depth": 28, "dim": 1152, "params": 676_600_000, "root_params": 6_000_000, "patch": 4}
+XL = {"depth": 28, "dim": 1152, "params": 676_600_000, "patch": 4}
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,6 @@ class Layout:
 def step_volumes(
     layout: Layout,
     params: int,
-    root_params: int,
     depth: int,
     dim: int,
     micro_tokens: list[int],
@@ -72,7 +71,7 @@ def step_volumes(
     micro = len(micro_tokens)
     out: dict[str, dict[str, float]] = {}
     if group > 1:
-        gathered = params * param_bytes * micro + (params - root_params) * param_bytes * micro
+        gathered = 2 * params * param_bytes * micro
         out["all_gather"] = {"payload": gathered, "wire": gathered * (group - 1) / group}
         scattered = params * 4 * micro
         out["reduce_scatter"] = {"payload": scattered, "wire": scattered * (group - 1) / group}
@@ -107,67 +106,56 @@ def project(args: argparse.Namespace) -> None:
     measured = json.loads(Path(args.measured).read_text().splitlines()[0]) if args.measured else DEFAULT_MEASURED
     seconds_per_image = measured["step_s"] / measured["batch"]  # at 256 px, where it was measured
     cost = CostModel(XL["depth"], XL["dim"], args.token_overhead)
-    base_tokens = stage_tokens(256, XL["patch"], 4)
-    base_cost = float(np.mean([cost.flops(t) for t in base_tokens]))
+    base_cost = float(np.mean([cost.flops(t) for t in stage_tokens(256, XL["patch"], 4)]))
     for resolution in args.resolution:
         tokens = stage_tokens(resolution, XL["patch"], 4)
-        image_cost = float(np.mean([cost.flops(t) for t in tokens]))
-        compute_per_image = seconds_per_image * image_cost / base_cost
+        compute_per_image = seconds_per_image * float(np.mean([cost.flops(t) for t in tokens])) / base_cost
         for gpus in args.gpus:
-            for layout in layouts_for(gpus, args.gpus_per_node):
-                units = layout.replicate * layout.shard
-                per_unit = args.images_per_gpu * layout.sp
-                settings = PlanSettings(
-                    units * per_unit, tokens, (1.0,) * 4, units, args.micro_images * layout.sp * tokens[-1], cost
-                )
-                plan = plan_step(settings, 1)
-                unit = int(np.argmax(plan.unit_costs))
-                micro = [int(sum(tokens[s] for s in plan.stages[m])) for m in plan.micro_batches(unit)]
-                crop = 3 * resolution * resolution
-                volumes = step_volumes(
-                    layout,
-                    XL["params"],
-                    XL["root_params"],
-                    XL["depth"],
-                    XL["dim"],
-                    micro,
-                    2,
-                    2,
-                    exchange_bytes=per_unit * crop,
-                )
-                compute = compute_per_image * per_unit / layout.sp * plan.max_over_mean
-                intra = args.nvlink_gbs * 1e9
-                inter = args.inter_gbps / 8 * 1e9 / args.gpus_per_node  # per GPU
-                fsdp_bw = intra if layout.shard * layout.sp <= args.gpus_per_node else inter
-                fsdp = sum(volumes[k]["wire"] for k in ("all_gather", "reduce_scatter") if k in volumes) / fsdp_bw
-                hsdp = volumes.get("all_reduce", {"wire": 0})["wire"] / inter
-                ulysses = volumes.get("all_to_all", {"wire": 0})["wire"] / (
-                    intra if layout.sp <= args.gpus_per_node else inter
-                )
-                exchange = volumes.get("exchange", {"wire": 0})["wire"] / inter
-                exposed = max(0.0, (fsdp + hsdp) - args.overlap * compute) + ulysses + exchange
-                step = compute + exposed
-                ideal = compute_per_image * per_unit / layout.sp
-                emit(
-                    {
-                        "bench": "scaling_model",
-                        "resolution": resolution,
-                        "gpus": gpus,
-                        "dp_replicate": layout.replicate,
-                        "dp_shard": layout.shard,
-                        "sp": layout.sp,
-                        "images_per_gpu": args.images_per_gpu,
-                        "micro_batches": len(micro),
-                        "planner_max_over_mean": round(plan.max_over_mean, 3),
-                        "gib_per_rank": {k: round(v["wire"] / 2**30, 3) for k, v in volumes.items()},
-                        "compute_s": round(compute, 4),
-                        "comm_s": round(fsdp + hsdp + ulysses + exchange, 4),
-                        "exposed_comm_s": round(exposed, 4),
-                        "step_s": round(step, 4),
-                        "img_per_s": round(units * per_unit / step, 1),
-                        "weak_scaling_efficiency": round(ideal / step, 3),
-                    }
-                )
+            for images in args.images_per_gpu:
+                for layout in layouts_for(gpus, args.gpus_per_node):
+                    emit(projection(args, resolution, tokens, compute_per_image, gpus, images, layout, cost))
+
+
+def projection(args, resolution, tokens, compute_per_image, gpus, images, layout, cost) -> dict:
+    """One configuration's volumes, times and efficiency."""
+    units = layout.replicate * layout.shard
+    per_unit = images * layout.sp
+    budget = int(args.micro_images * layout.sp * tokens[-1])
+    plan = plan_step(PlanSettings(units * per_unit, tokens, (1.0,) * 4, units, budget, cost), 1)
+    unit = int(np.argmax(plan.unit_costs))
+    micro = [int(sum(tokens[s] for s in plan.stages[m])) for m in plan.micro_batches(unit)]
+    volumes = step_volumes(layout, XL["params"], XL["depth"], XL["dim"], micro, 2, 2, per_unit * 3 * resolution**2)
+    compute = compute_per_image * per_unit / layout.sp * plan.max_over_mean
+    intra, inter = args.nvlink_gbs * 1e9, args.inter_gbps / 8 * 1e9 / args.gpus_per_node  # per GPU
+    fsdp_bandwidth = intra if layout.shard * layout.sp <= args.gpus_per_node else inter
+
+    def wire(kind: str) -> float:
+        return volumes.get(kind, {"wire": 0.0})["wire"]
+
+    fsdp = (wire("all_gather") + wire("reduce_scatter")) / fsdp_bandwidth
+    hsdp = wire("all_reduce") / inter
+    ulysses = wire("all_to_all") / (intra if layout.sp <= args.gpus_per_node else inter)
+    exchange = wire("exchange") / inter
+    exposed = max(0.0, fsdp + hsdp - args.overlap * compute) + ulysses + exchange
+    step = compute + exposed
+    return {
+        "bench": "scaling_model",
+        "resolution": resolution,
+        "gpus": gpus,
+        "dp_replicate": layout.replicate,
+        "dp_shard": layout.shard,
+        "sp": layout.sp,
+        "images_per_gpu": images,
+        "micro_batches": len(micro),
+        "planner_max_over_mean": round(plan.max_over_mean, 3),
+        "gib_per_rank": {k: round(v["wire"] / 2**30, 3) for k, v in volumes.items()},
+        "compute_s": round(compute, 4),
+        "comm_s": round(fsdp + hsdp + ulysses + exchange, 4),
+        "exposed_comm_s": round(exposed, 4),
+        "step_s": round(step, 4),
+        "img_per_s": round(units * per_unit / step, 1),
+        "weak_scaling_efficiency": round(compute_per_image * per_unit / layout.sp / step, 3),
+    }
 
 
 def check(overrides: list[str]) -> None:
@@ -213,9 +201,10 @@ def check(overrides: list[str]) -> None:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             train_step(engine, images[mine], labels[mine], plan, step, cfg, schedule, world)
         for event in prof.events():
-            kind = collective_kind(event.name)
+            kind = collective_kind(event)
             if kind:
-                seen[kind] = seen.get(kind, 0.0) + payload_bytes(kind, event.input_shapes, event.input_types)
+                seen[kind] = seen.get(kind, 0.0) + payload_bytes(kind, event.input_shapes, event.input_dtypes)
+    seen["all_reduce"] = seen.get("all_reduce", 0.0) - seen.get("reduce_scatter", 0.0)
     tokens = stage_tokens(32, cfg.model.patch_size, cfg.cascade.stages)
     predicted: dict[str, float] = {}
     for step in range(2, steps + 2):
@@ -225,10 +214,10 @@ def check(overrides: list[str]) -> None:
             name: p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel()
             for name, p in engine.model.named_parameters()
         }
-        params, root = sum(sizes.values()), sum(n for name, n in sizes.items() if not name.startswith("blocks."))
+        params = sum(sizes.values())
         layout = Layout(world.dp_replicate, world.dp_shard, world.sp)
         dim = cfg.model.num_heads * cfg.model.head_dim
-        for kind, value in step_volumes(layout, params, root, cfg.model.depth, dim, micro, 4, 4).items():
+        for kind, value in step_volumes(layout, params, cfg.model.depth, dim, micro, 4, 4).items():
             predicted[kind] = predicted.get(kind, 0.0) + value["payload"]
     totals = torch.tensor([seen.get(k, 0.0) for k in sorted(predicted)], dtype=torch.float64)
     dist.all_reduce(totals)  # mean over ranks (units differ in micro-batch count: they do not, by design)
@@ -250,19 +239,22 @@ def check(overrides: list[str]) -> None:
 COLLECTIVES = {
     "c10d::_allgather_base_": "all_gather",
     "c10d::_reduce_scatter_base_": "reduce_scatter",
-    "c10d::allreduce_": "all_reduce",
     "_c10d_functional::all_to_all_single": "all_to_all",
+    "gloo:all_reduce": "all_reduce",  # c10d::allreduce_ records no shapes (a tensor list); its gloo call does
 }
+# gloo has no reduce-scatter: it all-reduces the input (on a worker thread, not nested in the profile), so
+# the all-reduces seen include every reduce-scatter's input once; `check` takes those out
 
 
-def collective_kind(name: str) -> str | None:
-    return COLLECTIVES.get(name)
+def collective_kind(event) -> str | None:
+    return COLLECTIVES.get(event.name)
 
 
 def payload_bytes(kind: str, shapes: list, types: list) -> float:
-    """The collective's payload from the op's recorded input shapes: the larger of output and input."""
+    """The collective's payload from the op's recorded input shapes: the larger of output and input (the
+    all-gather output, the reduce-scatter input, the all-reduce buffer, the all-to-all input)."""
     sizes = [int(np.prod(shape)) for shape in shapes[:2] if shape]
-    element = 2 if types and types[0] in ("c10::BFloat16", "c10::Half") else 4
+    element = 2 if types and types[0] in ("c10::BFloat16", "c10::Half", "BFloat16", "Half") else 4
     return max(sizes) * element if sizes else 0.0
 
 
@@ -273,7 +265,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 512, 4096])
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--images-per-gpu", type=int, default=4)
+    parser.add_argument("--images-per-gpu", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--micro-images", type=float, default=16, help="token budget in top-stage images")
     parser.add_argument("--nvlink-gbs", type=float, default=450.0, help="GB/s per GPU and direction in a node")
     parser.add_argument("--inter-gbps", type=float, default=3200.0, help="Gb/s per node between nodes")
