@@ -129,6 +129,14 @@ def sample_prompts(args: argparse.Namespace, cfg, device):
     return Prompts.encode(encoder, per_image, args.negative_prompt), len(texts) if args.per_class > 1 else None
 
 
+def _report(args: argparse.Namespace) -> None:
+    from pixelflow.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"
+    for path in write_report([Path(d) for d in args.run_dirs], out):
+        print(f"wrote {path}")
+
+
 def _convert(args: argparse.Namespace) -> None:
     from pixelflow.compat import convert_official
 
@@ -174,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default ema)")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     sample.set_defaults(func=_sample)
+
+    report = commands.add_parser(
+        "report",
+        help="PNG plots of one or more runs' metrics.jsonl (overlaid)",
+        description="Plot loss (total and per stage), img/s, MFU, data wait, balance and grad norm over steps; "
+        "several run directories are overlaid.",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="folder for the PNGs (default: FIRST_RUN_DIR/report)")
+    report.set_defaults(func=_report)
 
     convert = commands.add_parser(
         "convert-official",

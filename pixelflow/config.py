@@ -82,6 +82,7 @@ class TrainConfig:
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
     log_sample_keys: bool = False  # write the keys each data rank trained on per step (sample_keys/)
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (one line, nothing saved) | skip_step
+    peak_tflops: float = 0.0  # per device, for the logged MFU (e.g. 790 on an H200 in bf16); 0 = no MFU
 
 
 @dataclass
@@ -311,6 +312,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (t.steps >= 1, "train.steps", f"= {t.steps} must be at least 1"),
         (t.global_batch >= 1, "train.global_batch", f"= {t.global_batch} must be at least 1"),
         (t.micro_batch >= 0, "train.micro_batch", f"= {t.micro_batch} must not be negative"),
+        (t.peak_tflops >= 0, "train.peak_tflops", f"= {t.peak_tflops} must not be negative"),
         (t.micro_tokens >= 0, "train.micro_tokens", f"= {t.micro_tokens} must not be negative"),
         (
             not micro_tokens(cfg) or micro_tokens(cfg) * cfg.parallel.sp >= top_tokens,

@@ -21,7 +21,7 @@ def metrics(run_dir) -> list[dict]:
 
 
 def test_run_directory_holds_config_metrics_and_checkpoints(tmp_path, shapes_dataset):
-    result = train(tiny_config(tmp_path / "run", shapes_dataset))
+    result = train(tiny_config(tmp_path / "run", shapes_dataset, "train.peak_tflops=10"))
     run_dir = result.run_dir
     assert (result.step, result.stopped, result.exit_status) == (6, False, 0)
     assert (run_dir / "config.yaml").read_text().startswith("run_dir:")
@@ -32,6 +32,9 @@ def test_run_directory_holds_config_metrics_and_checkpoints(tmp_path, shapes_dat
     for r in records:  # one process: one unit, nothing to balance, one layout per step at most
         assert r["plan_max_over_mean"] == 1.0 and r["busy_max_over_mean"] == 1.0 and r["padding_fraction"] == 0.0
         assert 1 <= r["graphs"] <= r["step"]
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1  # against a 10 TFLOP/s peak
+        assert 0 <= r["data_wait_fraction"] <= 1 and 0 < r["peak_memory_gib"] < 64
+    assert records[0]["checkpoint_blocking_s"] == 0 and records[3]["checkpoint_blocking_s"] > 0  # saved at 3
     assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step_00000003", "step_00000006"]
     folder = run_dir / "checkpoints" / "step_00000006"
     assert {".metadata", "__0_0.distcp", "state.json", "config.yaml", "manifest.json"} == {
@@ -50,7 +53,20 @@ def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(tmp_path,
     train(tiny_config(split, shapes_dataset, "data.num_workers=2", "train.steps=3"))
     assert [r["step"] for r in metrics(split)] == [1, 2, 3]
     train(tiny_config(split, shapes_dataset, "data.num_workers=2"))
-    assert metrics(split) == [dict(r, img_per_s=s["img_per_s"]) for r, s in zip(metrics(whole), metrics(split))]
+    timing = (
+        "img_per_s",
+        "tokens_per_s",
+        "busy_max_over_mean",
+        "data_wait_fraction",
+        "peak_memory_gib",
+        "checkpoint_blocking_s",
+        "graphs",
+    )  # measured, or counted since the process started
+
+    def trained(records):
+        return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+    assert trained(metrics(split)) == trained(metrics(whole))
     for which in ("model", "ema"):
         final_whole, _ = read_weights(whole, which)
         final_split, _ = read_weights(split, which)
@@ -126,3 +142,24 @@ def test_wandb_run_is_written_into_the_run_directory(tmp_path, shapes_dataset, m
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert (run_dir / "wandb_id.txt").read_text().strip() in offline_runs[0].name
+
+
+def test_report_plots_one_or_several_runs(tmp_path, shapes_dataset):
+    first = train(tiny_config(tmp_path / "first", shapes_dataset, "train.steps=3", "train.peak_tflops=10")).run_dir
+    second = train(tiny_config(tmp_path / "second", shapes_dataset, "train.steps=3", "train.lr=1e-4")).run_dir
+    done = subprocess.run(
+        [sys.executable, "-m", "pixelflow", "report", str(first), str(second), "--out", str(tmp_path / "plots")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert written == sorted(
+        ["loss.png", "loss_per_stage.png", "throughput.png", "mfu.png", "data_wait.png", "balance.png", "grad_norm.png"]
+    )
+    assert all(Image.open(tmp_path / "plots" / name).size == (700, 400) for name in written)
+    missing = subprocess.run(
+        [sys.executable, "-m", "pixelflow", "report", str(tmp_path)], capture_output=True, text=True, cwd=REPO
+    )
+    assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr

@@ -100,6 +100,19 @@ class StepPlan:
         """The unit's samples in the order it receives them: ascending index."""
         return np.flatnonzero(self.units == unit)
 
+    def tokens(self) -> int:
+        """Tokens of the whole global batch."""
+        return int(np.asarray(self.settings.stage_tokens)[self.stages].sum())
+
+    def training_flops(self) -> float:
+        """FLOPs of the step's forward and backward over the global batch: 3 x depth x (24 d^2 L + 4 d L^2)
+        per sample (the convention of MFU figures; the overhead term is not counted)."""
+        cost = self.settings.cost
+        counts = np.bincount(self.stages, minlength=self.settings.stages)
+        return float(
+            sum(3 * CostModel(cost.depth, cost.dim).flops(t) * n for t, n in zip(self.settings.stage_tokens, counts))
+        )
+
     @property
     def max_over_mean(self) -> float:
         return float(self.unit_costs.max() / self.unit_costs.mean())

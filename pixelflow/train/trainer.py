@@ -54,8 +54,9 @@ class LossWindow:
     """Per-stage loss sums and step statistics since the last log, kept on the device (no host sync per
     step); summed over ranks at log time."""
 
-    def __init__(self, stages: int, world: World, images_per_step: int):
-        self.world, self.images_per_step = world, images_per_step
+    def __init__(self, stages: int, world: World, images_per_step: int, peak_tflops: float = 0.0):
+        self.world, self.images_per_step, self.peak_tflops = world, images_per_step, peak_tflops
+        self.checkpoint_s = 0.0  # how long the newest checkpoint save held the loop
         self.sums = torch.zeros(stages, device=world.device)
         self.counts = torch.zeros(stages, device=world.device)
         self.grad_norm = torch.zeros((), device=world.device)
@@ -68,6 +69,7 @@ class LossWindow:
         self.grad_norm.zero_()
         self.steps, self.skipped, self.started = 0, 0, time.perf_counter()
         self.busy_s, self.tokens, self.padding, self.predicted = 0.0, 0, 0, 0.0
+        self.wait_s, self.flops, self.trained_tokens = 0.0, 0.0, 0
 
     def add(self, outcome: StepOutcome, plan: StepPlan | None = None) -> None:
         self.sums.index_add_(0, outcome.stages, outcome.per_sample.detach())
@@ -84,24 +86,35 @@ class LossWindow:
         self.padding += outcome.padding
         self.layouts |= outcome.layouts
         self.predicted += plan.max_over_mean if plan is not None else 1.0
+        if plan is not None:
+            self.flops += plan.training_flops()
+            self.trained_tokens += plan.tokens()
 
     def summary(self, step: int, lr: float) -> dict:
         """The logged record (collective: every rank calls it at the same steps)."""
         steps = self.steps + self.skipped
-        summed = torch.cat([self.sums, self.counts, self.sums.new_tensor([self.busy_s, self.tokens, self.padding])])
-        largest = self.sums.new_tensor([self.busy_s, len(self.layouts)])
+        elapsed = time.perf_counter() - self.started
+        extra = [self.busy_s, self.tokens, self.padding, self.wait_s]
+        summed = torch.cat([self.sums, self.counts, self.sums.new_tensor(extra)])
+        largest = self.sums.new_tensor([self.busy_s, len(self.layouts), peak_memory_gib(self.world.device)])
         if self.world.distributed:
             dist.all_reduce(summed)
             dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         stages = len(self.sums)
         sums, counts = summed[:stages].tolist(), summed[stages : 2 * stages].tolist()
-        busy_total, tokens, padding = summed[2 * stages :].tolist()
-        busy_max, graphs = largest.tolist()
+        busy_total, tokens, padding, wait_total = summed[2 * stages :].tolist()
+        busy_max, graphs, memory = largest.tolist()
         record = {"step": step, "loss": sum(sums) / max(sum(counts), 1.0)}
         record.update({f"loss_stage{i}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
         record["grad_norm"] = self.grad_norm.item() / max(self.steps, 1)
         record["lr"] = lr
-        record["img_per_s"] = steps * self.images_per_step / (time.perf_counter() - self.started)
+        record["img_per_s"] = steps * self.images_per_step / elapsed
+        record["tokens_per_s"] = self.trained_tokens / elapsed
+        if self.peak_tflops:
+            record["mfu"] = self.flops / elapsed / (self.peak_tflops * 1e12 * self.world.size)
+        record["data_wait_fraction"] = min(1.0, wait_total / (self.world.size * elapsed))
+        record["peak_memory_gib"] = memory
+        record["checkpoint_blocking_s"] = self.checkpoint_s
         # balance: the plan's predicted slowest/mean unit cost, and the measured slowest/mean rank busy time
         record["plan_max_over_mean"] = self.predicted / max(steps, 1)
         record["busy_max_over_mean"] = busy_max * self.world.size / busy_total if busy_total > 0 else 1.0
@@ -111,6 +124,15 @@ class LossWindow:
             record["skipped_steps"] = self.skipped  # train.nonfinite=skip_step: not in loss and grad_norm
         self.reset()
         return record
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: allocated on the GPU, resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def padding_micro_batch(cfg: Config, schedule: CascadeSchedule, device: torch.device, step: int):
@@ -351,12 +373,13 @@ def _train(cfg: Config, world: World) -> RunResult:
         if cfg.train.log_sample_keys and world.sp_rank == 0:
             keys = SampleKeyLog(run_dir, world.dp_rank, step)
             cleanup.callback(keys.close)
-        window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
+        window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch, cfg.train.peak_tflops)
         settings = plan_settings(cfg, world.dp_size)
         exchange_group = world.dp_mesh.get_group() if world.distributed and world.dp_size > 1 else None
         engine.model.train()
         stopping = None
         while step < cfg.train.steps and not stopping:
+            waiting = time.perf_counter()
             share = next(data)
             step += 1
             plan = plan_step(settings, step)
@@ -364,6 +387,7 @@ def _train(cfg: Config, world: World) -> RunResult:
             images, labels, payloads = exchange(
                 share, plan, readers, world.dp_rank, exchange_group, world.device, conditioner is not None
             )
+            window.wait_s += time.perf_counter() - waiting  # blocked on the loader and the samples' exchange
             text = conditioner.unit(payloads) if conditioner else None
             outcome = train_step(engine, images, labels, plan, step, cfg, schedule, world, text)
             grad_norm = outcome.grad_norm
@@ -391,5 +415,6 @@ def _train(cfg: Config, world: World) -> RunResult:
             if stopping or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 progress.step = step
                 checkpointer.save(step, parts, blocking=stopping is not None)
+                window.checkpoint_s = checkpointer.last_blocking_s
         checkpointer.wait()
         return RunResult(run_dir, step, stopping)

@@ -1,0 +1,70 @@
+"""`pixelflow report RUN_DIR [RUN_DIR ...]`: PNG plots of metrics.jsonl for people without wandb.
+
+One figure per quantity (loss per stage, throughput, MFU, data wait, balance, grad norm), every run given
+overlaid in its own colour and labelled by its directory name. Quantities no run logged are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pixelflow.config import ConfigError
+
+PLOTS = {  # file name -> (title, keys: one line per key and run)
+    "loss.png": ("loss", ["loss"]),
+    "loss_per_stage.png": ("loss per stage", [f"loss_stage{i}" for i in range(8)]),
+    "throughput.png": ("images per second", ["img_per_s"]),
+    "mfu.png": ("model FLOPs utilisation", ["mfu"]),
+    "data_wait.png": ("share of the step waiting for data", ["data_wait_fraction"]),
+    "balance.png": ("slowest rank / mean", ["plan_max_over_mean", "busy_max_over_mean"]),
+    "grad_norm.png": ("gradient norm", ["grad_norm"]),
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run directory, or no step logged yet)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path}:{number}: not a JSON line") from None
+    return records
+
+
+def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
+    """Write the plots into `out`; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    runs = {run_dir.name or str(run_dir): read_metrics(run_dir) for run_dir in run_dirs}
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (title, keys) in PLOTS.items():
+        lines = [
+            (run, key, [r["step"] for r in records if key in r], [r[key] for r in records if key in r])
+            for run, records in runs.items()
+            for key in keys
+        ]
+        lines = [line for line in lines if line[2]]
+        if not lines:
+            continue
+        figure, axes = pyplot.subplots(figsize=(7, 4))
+        for run, key, steps, values in lines:
+            label = run if len(keys) == 1 else f"{run}: {key}"
+            axes.plot(steps, values, label=label)
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        if name.startswith("loss"):
+            axes.set_yscale("log")
+        axes.legend(fontsize="small")
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=100)
+        pyplot.close(figure)
+        written.append(out / name)
+    return written
