@@ -131,6 +131,9 @@ class SampleConfig:
     cfg_ramp: list[float] | None = None  # per-stage CFG ramp; None = the paper's (0, 1/6, 2/3, 1)
     shift: float = 1.0
     solver: str = "euler"  # euler (the reference grid) | dopri5 (adaptive, needs torchdiffeq)
+    every: int = 0  # during training: a grid from the EMA weights every this many steps (samples/); 0 = never
+    count: int = 8  # images in that grid: the first classes in turn, or `prompts` in turn
+    prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])  # text models
 
 
 @dataclass
@@ -386,6 +389,9 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             f"must have one value per stage ({c.stages})",
         ),
         (cfg.sample.shift > 0, "sample.shift", f"= {cfg.sample.shift} must be positive"),
+        (cfg.sample.every >= 0, "sample.every", f"= {cfg.sample.every} must not be negative"),
+        (cfg.sample.count >= 1, "sample.count", f"= {cfg.sample.count} must be at least 1"),
+        (not m.text_dim or len(cfg.sample.prompts) > 0, "sample.prompts", "must name at least one prompt"),
         (cfg.sample.solver in ("euler", "dopri5"), "sample.solver", f"= '{cfg.sample.solver}' must be euler or dopri5"),
         (
             cfg.wandb.mode in ("disabled", "offline", "online"),

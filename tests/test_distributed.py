@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pixelflow.generate import generate, load_for_sampling
 from tests.conftest import REPO, tiny_overrides
@@ -159,13 +161,15 @@ def s3_plan_shapes(s3_endpoint) -> str:
 @pytest.mark.parametrize("where", ["disk", "s3"])
 def test_one_two_and_four_ranks_train_the_same_trajectory_from_the_shards(tmp_path, request, where):
     """Through the CLI and the real data path (lanes, workers, the planner, the all-to-all): one process,
-    dp_shard=2 and dp_shard=2 x sp=2, each with another worker count, log the same losses."""
+    dp_shard=2 and dp_shard=2 x sp=2, each with another worker count, log the same losses and draw the same
+    periodic sample grid (its images split over the ranks)."""
     if where == "disk":
         data, extra, env = request.getfixturevalue("shapes_dataset"), [], ENV
     else:
         data, endpoint = request.getfixturevalue("s3_plan_shapes"), request.getfixturevalue("s3_endpoint")
         extra, env = ["--endpoint-url", endpoint.endpoint], {**ENV, **CREDENTIALS}
-    trajectories = []
+    trajectories, grids = [], []
+    periodic = ["sample.every=6", "sample.count=3", "sample.steps_per_stage=2"]
     for procs, layout in [
         (1, ["data.num_workers=0"]),
         (2, ["parallel.dp_shard=2", "data.num_workers=2"]),
@@ -173,17 +177,21 @@ def test_one_two_and_four_ranks_train_the_same_trajectory_from_the_shards(tmp_pa
     ]:
         run_dir = tmp_path / f"ranks-{procs}"
         run(
-            train_command(run_dir, data, 6, "checkpoint.every=6", "model.class_dropout=0.2", *layout) + extra,
+            train_command(run_dir, data, 6, "checkpoint.every=6", "model.class_dropout=0.2", *periodic, *layout)
+            + extra,
             procs,
             env,
         )
         trajectories.append(losses(run_dir))
+        grids.append(np.asarray(Image.open(run_dir / "samples" / "step_00000006.png")).astype(int))
         for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
             assert record["plan_max_over_mean"] >= 1.0 and record["busy_max_over_mean"] >= 1.0
             assert 0.0 <= record["padding_fraction"] < 1.0 and record["graphs"] >= 1
     assert len(trajectories[0]) == 6
     for trajectory in trajectories[1:]:
         assert_close(trajectory, trajectories[0], 1e-5, count=6)
+    for grid in grids[1:]:  # EMA weights equal to ~1e-7: a pixel may round to the neighbouring level
+        assert np.abs(grid - grids[0]).max() <= 2 and np.abs(grid - grids[0]).mean() < 0.05
 
 
 def test_deepspeed_checkpoints_resume_exactly_and_sample(tmp_path, shapes_dataset):

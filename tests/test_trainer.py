@@ -138,10 +138,19 @@ def test_wandb_run_is_written_into_the_run_directory(tmp_path, shapes_dataset, m
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials either
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=2", f"wandb.mode={mode}")).run_dir
+    overrides = ["train.steps=2", f"wandb.mode={mode}", "sample.every=2", "sample.count=3", "sample.steps_per_stage=2"]
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, *overrides)).run_dir
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
-    assert (run_dir / "wandb_id.txt").read_text().strip() in offline_runs[0].name
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert run_id in offline_runs[0].name
+    assert Image.open(run_dir / "samples" / "step_00000002.png").size == (2 + 2 * 34, 2 + 2 * 34)  # 3 in a 2x2 grid
+    logged = (offline_runs[0] / f"run-{run_id}.wandb").read_bytes()
+    assert b"loss_stage0" in logged and b"samples" in logged  # the keys and the sample image were logged
+    assert list((offline_runs[0] / "files" / "media" / "images").glob("samples_2_*.png"))
+    train(tiny_config(tmp_path / "run", shapes_dataset, *overrides[1:], "train.steps=4"))  # resumed
+    assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
+    assert all(run_id in p.name for p in (run_dir / "wandb").glob("offline-run-*"))  # the same run continues
 
 
 def test_report_plots_one_or_several_runs(tmp_path, shapes_dataset):

@@ -68,6 +68,13 @@ class MetricsLogger:
         else:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
 
+    def log_image(self, path: Path, step: int) -> None:
+        """A sample grid, to wandb (the PNG itself is already in the run directory)."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"samples": wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         self._bar.close()
         self._file.close()

@@ -27,6 +27,7 @@ from pixelflow.parallel.world import World, init_world, shutdown
 from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.engine import Engine, build_engine
 from pixelflow.train.metrics import MetricsLogger, SampleKeyLog
+from pixelflow.train.samples import PeriodicSamples
 from pixelflow.train.signals import EXIT_FINISHED, EXIT_STOPPED, StopSignals, signal_numbers
 from pixelflow.train.text_conditioning import TextConditioner, UnitText
 
@@ -124,6 +125,23 @@ class LossWindow:
             record["skipped_steps"] = self.skipped  # train.nonfinite=skip_step: not in loss and grad_norm
         self.reset()
         return record
+
+
+def periodic_samples(cfg: Config, world: World, run_dir: Path, conditioner) -> PeriodicSamples | None:
+    """The periodic sample grids (sample.every), when they can be drawn."""
+    if not cfg.sample.every:
+        return None
+    encoder = None
+    if cfg.model.text_dim:
+        encoder = conditioner.encoder
+        if encoder is None and cfg.text.encoder:
+            from pixelflow.model.text_encoder import TextEncoder
+
+            encoder = TextEncoder(cfg.text.encoder, cfg.text.max_tokens, world.device)
+        if encoder is None:
+            log.warning("sample.every: no text.encoder to encode sample.prompts with; no sample grids")
+            return None
+    return PeriodicSamples(cfg, world, run_dir, encoder)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -374,6 +392,7 @@ def _train(cfg: Config, world: World) -> RunResult:
             keys = SampleKeyLog(run_dir, world.dp_rank, step)
             cleanup.callback(keys.close)
         window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch, cfg.train.peak_tflops)
+        samples = periodic_samples(cfg, world, run_dir, conditioner)
         settings = plan_settings(cfg, world.dp_size)
         exchange_group = world.dp_mesh.get_group() if world.distributed and world.dp_size > 1 else None
         engine.model.train()
@@ -411,6 +430,10 @@ def _train(cfg: Config, world: World) -> RunResult:
                 record = window.summary(step, engine.last_lr)
                 if metrics:
                     metrics.log(record)
+            if samples and samples.due(step):
+                grid = samples.write(step, engine.checkpoint_parts()["ema"].state_dict())
+                if metrics and grid:
+                    metrics.log_image(grid, step)
             stopping = stop.agreed() if step < cfg.train.steps else None  # a signal at the last step: finished
             if stopping or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 progress.step = step
