@@ -14,8 +14,8 @@ from pixelflow.cascade import CascadeSchedule, cfg_scales, default_cfg_ramp, sam
 from pixelflow.config import Config
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.attention import set_attention_backend
+from pixelflow.model.text_encoder import pad_tokens
 from pixelflow.train.checkpoint import read_weights
-from pixelflow.train.text_conditioning import pad_tokens
 
 
 def load_for_sampling(

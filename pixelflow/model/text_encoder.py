@@ -12,8 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pixelflow.config import ConfigError
+
+
+def pad_tokens(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, D) embeddings and (B, L) mask padded with masked zeros to `length` tokens."""
+    extra = length - text.shape[1]
+    return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra))
 
 
 def check_encoder_path(path: str | None) -> Path:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pixelflow.config import Config, ConfigError
 from pixelflow.data.storage import filesystem, storage_options
 from pixelflow.data.text_store import embeddings_location, read_info
+from pixelflow.model.text_encoder import pad_tokens
 from pixelflow.parallel.world import World
 
 
@@ -45,11 +45,6 @@ class UnitText:
     def padding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The text of a padding micro-batch's one sample."""
         return self.empty, self.empty_mask
-
-
-def pad_tokens(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    extra = length - text.shape[1]
-    return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra))
 
 
 class TextConditioner:
