@@ -129,6 +129,54 @@ def sample_prompts(args: argparse.Namespace, cfg, device):
     return Prompts.encode(encoder, per_image, args.negative_prompt), len(texts) if args.per_class > 1 else None
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from pixelflow.evaluate import eval_sample
+    from pixelflow.generate import load_for_sampling
+    from pixelflow.parallel.world import resolve_device
+
+    if args.images < 1 or args.batch < 1:
+        raise ConfigError(f"--images {args.images} / --batch {args.batch}: must be at least 1")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(args.device, local)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        _, cfg = load_for_sampling(args.checkpoint, "ema", "cpu")
+        classes, prompts, encoder = None, None, None
+        if cfg.model.text_dim:
+            from pixelflow.model.text_encoder import TextEncoder
+
+            if not args.prompt_file or not Path(args.prompt_file).is_file():
+                raise ConfigError(f"--prompt-file {args.prompt_file}: a text-to-image model needs a prompt file")
+            prompts = [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+            encoder = TextEncoder(args.text_encoder or cfg.text.encoder, cfg.text.max_tokens, device)
+        elif cfg.model.num_classes:
+            classes = args.classes if args.classes is not None else list(range(cfg.model.num_classes))
+            bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
+            if bad:
+                raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
+        path = eval_sample(
+            args.checkpoint,
+            Path(args.out),
+            args.images,
+            classes,
+            prompts,
+            args.batch,
+            args.seed,
+            args.steps,
+            args.cfg,
+            device,
+            encoder,
+        )
+        if path is not None:
+            print(f"wrote {path}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _report(args: argparse.Namespace) -> None:
     from pixelflow.report import write_report
 
@@ -182,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default ema)")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     sample.set_defaults(func=_sample)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="sample exactly N images for evaluation (one process or torchrun), resumable",
+        description="Sample --images N images (classes in turn, or the prompt file's lines in turn) split over the "
+        "ranks, as OUT/images/NNNNNN.png and OUT/samples_N.npz (arr_0: N x H x W x 3 uint8, the ADM layout). "
+        "A rerun keeps the finished images.",
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="run directory, step folder or export")
+    evaluate.add_argument("--out", required=True, help="folder to write")
+    evaluate.add_argument("--images", type=int, required=True, help="images in all")
+    evaluate.add_argument("--classes", type=int, nargs="+", help="classes in turn (default: all)")
+    evaluate.add_argument("--prompt-file", help="prompts in turn, one per line (text-to-image models)")
+    evaluate.add_argument("--text-encoder", help="local T5 encoder directory (default: the config's)")
+    evaluate.add_argument("--batch", type=int, default=16, help="images per sampler call (default 16)")
+    evaluate.add_argument("--steps", type=int, help="Euler steps per stage (default: the config's)")
+    evaluate.add_argument("--cfg", type=float, help="CFG scale (default: the config's)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.set_defaults(func=_eval)
 
     report = commands.add_parser(
         "report",
