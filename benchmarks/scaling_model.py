@@ -206,15 +206,11 @@ def check(overrides: list[str]) -> None:
                 seen[kind] = seen.get(kind, 0.0) + payload_bytes(kind, event.input_shapes, event.input_dtypes)
     seen["all_reduce"] = seen.get("all_reduce", 0.0) - seen.get("reduce_scatter", 0.0)
     tokens = stage_tokens(32, cfg.model.patch_size, cfg.cascade.stages)
+    params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in engine.model.parameters())
     predicted: dict[str, float] = {}
     for step in range(2, steps + 2):
         plan = plan_step(settings, step)
         micro = [int(sum(tokens[s] for s in plan.stages[m])) or tokens[0] for m in plan.micro_batches(world.dp_rank)]
-        sizes = {
-            name: p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel()
-            for name, p in engine.model.named_parameters()
-        }
-        params = sum(sizes.values())
         layout = Layout(world.dp_replicate, world.dp_shard, world.sp)
         dim = cfg.model.num_heads * cfg.model.head_dim
         for kind, value in step_volumes(layout, params, cfg.model.depth, dim, micro, 4, 4).items():

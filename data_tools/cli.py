@@ -49,10 +49,6 @@ def run_encode_text(args: argparse.Namespace, part: tuple[int, int] | None = Non
     return report
 
 
-def _encode_text(args: argparse.Namespace) -> None:
-    run_encode_text(args)
-
-
 def add_encode_text_arguments(parser: argparse.ArgumentParser) -> None:
     """DATASET and the encode-text options (shared with `pixelflow-launch encode-text`)."""
     parser.add_argument("dataset", help="dataset directory or s3://bucket/prefix")
@@ -175,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_encode_text_arguments(encode)
     encode.add_argument("--part", help="I/N: encode every N-th shard from the I-th (one task of an array)")
-    encode.set_defaults(func=_encode_text)
+    encode.set_defaults(func=run_encode_text)
     return parser
 
 

@@ -90,10 +90,7 @@ def _sample(args: argparse.Namespace) -> None:
     elif args.prompt or args.prompt_file:
         raise ConfigError(f"--prompt: {args.checkpoint} is not a text-conditioned model (it has no model.text_dim)")
     elif cfg.model.num_classes > 0:
-        classes = args.classes if args.classes is not None else list(range(min(cfg.model.num_classes, 8)))
-        bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
-        if bad:
-            raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
+        classes = checked_classes(args.classes, cfg, min(cfg.model.num_classes, 8))
         labels = [c for _ in range(args.per_class) for c in classes]  # one column per class
         count = len(labels)
         columns = len(classes) if args.per_class > 1 else None
@@ -107,11 +104,17 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {save_grid(images, args.out, columns)}")
 
 
-def sample_prompts(args: argparse.Namespace, cfg, device):
-    """(the prompts' embeddings, one column per prompt) for a text-to-image model."""
-    from pixelflow.generate import Prompts
-    from pixelflow.model.text_encoder import TextEncoder
+def checked_classes(classes: list[int] | None, cfg, default: int) -> list[int]:
+    """--classes (or the first `default` classes), each checked against the model."""
+    classes = classes if classes is not None else list(range(default))
+    bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
+    if bad:
+        raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
+    return classes
 
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt values, then --prompt-file's non-empty lines."""
     texts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -120,16 +123,33 @@ def sample_prompts(args: argparse.Namespace, cfg, device):
         texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not texts:
         raise ConfigError("--prompt: a text-to-image model needs --prompt TEXT (or --prompt-file FILE)")
+    return texts
+
+
+def prompt_encoder(args: argparse.Namespace, cfg, device):
+    """The text encoder (--text-encoder, else the config's), checked against the model's text width."""
+    from pixelflow.model.text_encoder import TextEncoder
+
     encoder = TextEncoder(args.text_encoder or cfg.text.encoder, cfg.text.max_tokens, device)
     if encoder.dim != cfg.model.text_dim:
         raise ConfigError(
             f"--text-encoder: {encoder.dim}-wide tokens, the model takes model.text_dim = {cfg.model.text_dim}"
         )
+    return encoder
+
+
+def sample_prompts(args: argparse.Namespace, cfg, device):
+    """(the prompts' embeddings, one column per prompt) for a text-to-image model."""
+    from pixelflow.generate import Prompts
+
+    texts = read_prompts(args)
+    encoder = prompt_encoder(args, cfg, device)
     per_image = [text for _ in range(args.per_class) for text in texts]  # one column per prompt
     return Prompts.encode(encoder, per_image, args.negative_prompt), len(texts) if args.per_class > 1 else None
 
 
 def _eval(args: argparse.Namespace) -> None:
+    import torch
     import torch.distributed as dist
 
     from pixelflow.evaluate import eval_sample
@@ -138,27 +158,20 @@ def _eval(args: argparse.Namespace) -> None:
 
     if args.images < 1 or args.batch < 1:
         raise ConfigError(f"--images {args.images} / --batch {args.batch}: must be at least 1")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args.device, local)
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        _, cfg = load_for_sampling(args.checkpoint, "ema", "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, cfg = load_for_sampling(args.checkpoint, "ema", device, dtype)
         classes, prompts, encoder = None, None, None
         if cfg.model.text_dim:
-            from pixelflow.model.text_encoder import TextEncoder
-
-            if not args.prompt_file or not Path(args.prompt_file).is_file():
-                raise ConfigError(f"--prompt-file {args.prompt_file}: a text-to-image model needs a prompt file")
-            prompts = [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
-            encoder = TextEncoder(args.text_encoder or cfg.text.encoder, cfg.text.max_tokens, device)
+            prompts, encoder = read_prompts(args), prompt_encoder(args, cfg, device)
         elif cfg.model.num_classes:
-            classes = args.classes if args.classes is not None else list(range(cfg.model.num_classes))
-            bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
-            if bad:
-                raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
+            classes = checked_classes(args.classes, cfg, cfg.model.num_classes)
         path = eval_sample(
-            args.checkpoint,
+            model,
+            cfg,
             Path(args.out),
             args.images,
             classes,
@@ -242,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder to write")
     evaluate.add_argument("--images", type=int, required=True, help="images in all")
     evaluate.add_argument("--classes", type=int, nargs="+", help="classes in turn (default: all)")
+    evaluate.add_argument("--prompt", action="append", help="a prompt (repeatable); with --prompt-file's, in turn")
     evaluate.add_argument("--prompt-file", help="prompts in turn, one per line (text-to-image models)")
     evaluate.add_argument("--text-encoder", help="local T5 encoder directory (default: the config's)")
     evaluate.add_argument("--batch", type=int, default=16, help="images per sampler call (default 16)")

@@ -19,11 +19,14 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from pixelflow.generate import Prompts, generate, load_for_sampling
+from pixelflow.config import Config
+from pixelflow.generate import Prompts, generate
+from pixelflow.model import PixelFlowTransformer
 
 
 def eval_sample(
-    checkpoint: str,
+    model: PixelFlowTransformer,
+    cfg: Config,
     out: Path,
     count: int,
     classes: list[int] | None,
@@ -35,10 +38,9 @@ def eval_sample(
     device: torch.device,
     encoder=None,
 ) -> Path | None:
-    """Draw this rank's batches and (rank 0) the npz; returns its path on rank 0."""
+    """Draw this rank's batches with `model` (loaded for sampling) and (rank 0) the npz; returns its path on
+    rank 0."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, cfg = load_for_sampling(checkpoint, "ema", device, dtype)
     steps = steps if steps is not None else cfg.sample.steps_per_stage
     scale = cfg.sample.cfg if cfg_scale is None else cfg_scale
     folder = out / "images"

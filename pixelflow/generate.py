@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +47,17 @@ class Prompts:
         negative_text, negative_mask = encoder.encode([negative])
         return Prompts(text, mask, negative_text, negative_mask)
 
-    def select(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text, mask) for condition indices: i >= 0 is prompt i, -1 the negative prompt."""
+    @functools.cached_property
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts then the negative prompt, padded to one length: built once, not at every Euler step."""
         length = max(self.text.shape[1], self.negative.shape[1])
         text, mask = pad_tokens(self.text, self.mask, length)
         negative, negative_mask = pad_tokens(self.negative, self.negative_mask, length)
-        table, table_mask = torch.cat([text, negative]), torch.cat([mask, negative_mask])
+        return torch.cat([text, negative]), torch.cat([mask, negative_mask])
+
+    def select(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, mask) for condition indices: i >= 0 is prompt i, -1 the negative prompt."""
+        table, table_mask = self.table
         rows = torch.where(index < 0, torch.full_like(index, len(self.text)), index)
         return table[rows].to(dtype), table_mask[rows]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import torch  # noqa: E402
 
 from data_tools.synthetic import write_synthetic_dataset  # noqa: E402
 from pixelflow.config import Config, load_config  # noqa: E402
-from tests.s3 import CREDENTIALS, MotoServer  # noqa: E402
+from tests.s3 import CREDENTIALS, MotoServer, free_port  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -67,3 +69,15 @@ def tiny_overrides(run_dir: Path, data: Path, *overrides: str) -> list[str]:
 
 def tiny_config(run_dir: Path, data: Path, *overrides: str) -> Config:
     return load_config(REPO / "configs" / "demo.yaml", tiny_overrides(run_dir, data, *overrides))
+
+
+def run_ranks(command: list[str], procs: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python COMMAND...` as one process, or under torchrun as `procs` ranks, from the repository root (env:
+    this one with OMP_NUM_THREADS=1 unless given); fails the test with the end of stderr unless it exits 0."""
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port())]
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launcher + command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

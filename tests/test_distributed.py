@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pixelflow.generate import generate, load_for_sampling
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, run_ranks, tiny_overrides
 from tests.s3 import CREDENTIALS, free_port
 
 pytestmark = pytest.mark.slow
@@ -27,22 +27,7 @@ ENV = {
 
 
 def run(command: list[str], procs: int, env: dict | None = None) -> subprocess.CompletedProcess:
-    launcher = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(procs),
-            "--master_port",
-            str(free_port()),
-        ]
-        if procs > 1
-        else [sys.executable]
-    )
-    done = subprocess.run(launcher + command, capture_output=True, text=True, cwd=REPO, env=env or ENV, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return run_ranks(command, procs, env or ENV)
 
 
 def harness(tmp_path: Path, procs: int, *args: str) -> dict:

@@ -4,16 +4,12 @@ ranks, resumable, in the ADM npz layout."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from pixelflow.train.trainer import train
-from tests.conftest import REPO, tiny_config
-from tests.s3 import free_port
+from tests.conftest import run_ranks, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -40,24 +36,7 @@ def test_eval_draws_exactly_n_images_once_each_on_any_number_of_ranks_and_resume
     ]
 
     def evaluate(out, procs):
-        launcher = (
-            [sys.executable]
-            if procs == 1
-            else [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                str(procs),
-                "--master_port",
-                str(free_port()),
-            ]
-        )
-        command = launcher + ["-m", "pixelflow", "eval", "--out", str(out), *options]
-        done = subprocess.run(
-            command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_ranks(["-m", "pixelflow", "eval", "--out", str(out), *options], procs)
         return np.load(out / "samples_5.npz")
 
     one, two = evaluate(tmp_path / "one", 1), evaluate(tmp_path / "two", 2)

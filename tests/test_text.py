@@ -20,8 +20,7 @@ from pixelflow.model.text_encoder import TextEncoder
 from pixelflow.train.checkpoint import read_weights
 from pixelflow.train.text_conditioning import UnitText
 from pixelflow.train.trainer import train
-from tests.conftest import REPO, tiny_config
-from tests.s3 import free_port
+from tests.conftest import REPO, run_ranks, tiny_config, tiny_overrides
 
 TEXT_DIM = 16
 
@@ -178,7 +177,6 @@ def test_a_missing_encoder_is_one_error_line_and_touches_nothing(tmp_path, shape
 @pytest.mark.slow
 def test_text_to_image_on_two_and_four_ranks_equals_one_process(tmp_path, shapes_dataset, text_encoder_dir):
     """FSDP2 on 2 ranks (with the encoder FSDP-sharded too) and dp_shard=2 x sp=2 log one process's losses."""
-    env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in __import__("os").environ.items()}}
     trajectories = []
     for procs, layout in [
         (1, []),
@@ -186,45 +184,16 @@ def test_text_to_image_on_two_and_four_ranks_equals_one_process(tmp_path, shapes
         (4, ["parallel.dp_shard=2", "parallel.sp=2"]),
     ]:
         run_dir = tmp_path / f"ranks-{procs}"
-        overrides = [
-            f"run_dir={run_dir}",
-            f"data.path={shapes_dataset}",
+        overrides = tiny_overrides(
+            run_dir,
+            shapes_dataset,
             f"text.encoder={text_encoder_dir}",
             f"model.text_dim={TEXT_DIM}",
-            "data.resolution=32",
-            "data.num_workers=0",
-            "data.shuffle_block=16",
-            "model.depth=2",
-            "model.num_heads=2",
-            "model.head_dim=16",
-            "train.global_batch=8",
             "train.steps=4",
-            "train.log_every=1",
             "text.dropout=0.25",
             *layout,
-        ]
-        launcher = (
-            [sys.executable]
-            if procs == 1
-            else [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                str(procs),
-                "--master_port",
-                str(free_port()),
-            ]
         )
-        done = subprocess.run(
-            launcher + ["-m", "pixelflow", "train", "configs/demo_t2i.yaml", *overrides],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_ranks(["-m", "pixelflow", "train", "configs/demo_t2i.yaml", *overrides], procs)
         trajectories.append(losses(run_dir))
     for trajectory in trajectories[1:]:
         assert np.allclose(trajectory, trajectories[0], rtol=1e-5, atol=0)

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pixelflow.config import ConfigError
+from pixelflow.data import text_store
 from pixelflow.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_crop
 from pixelflow.data.shard_format import Manifest, SampleEntry, ShardFormatError, parse_sample, read_index, read_manifest
 from pixelflow.data.storage import StorageError, filesystem, with_retries
@@ -114,8 +115,6 @@ class LaneReader:
         return entries
 
     def _load_embedding_index(self, shard: int) -> dict:
-        from pixelflow.data import text_store
-
         fs, _ = self._filesystem()
         name = self.settings.manifest.shards[shard].name.removesuffix(".tar")
         index = text_store.read_index(
@@ -132,8 +131,6 @@ class LaneReader:
         """The text that travels with samples [first, stop) of a shard."""
         if self.settings.text != "embeddings":
             return [b""] * (stop - first)
-        from pixelflow.data import text_store
-
         fs, _ = self._filesystem()
         index = self._embedding_index(shard)
         name = self.settings.manifest.shards[shard].name.removesuffix(".tar")

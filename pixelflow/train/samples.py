@@ -31,7 +31,7 @@ class PeriodicSamples:
         self.encoder = encoder
 
     def due(self, step: int) -> bool:
-        return bool(self.cfg.sample.every) and step % self.cfg.sample.every == 0
+        return step % self.cfg.sample.every == 0  # built only when sample.every is set
 
     def write(self, step: int, ema_state: dict) -> Path | None:
         """The grid of this step (collective); the PNG's path on rank 0, None elsewhere."""

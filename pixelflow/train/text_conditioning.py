@@ -1,13 +1,11 @@
 """Caption embeddings for the trainer: from the step's captions (text.mode=online, the frozen T5 on the
 training ranks) or from embeddings stored by `pixelflow-data encode-text` (precomputed). Either way a
 unit's samples get (n, L, D) float32 embeddings with a mask, and each micro-batch takes its rows in stream
-order, replaces the dropped captions (caption dropout, decided by the sample's own draw like label dropout)
-with the empty caption's embedding, and trims the padding to its longest caption.
+order and replaces the dropped captions (caption dropout, decided by the sample's own draw like label
+dropout) with the empty caption's embedding.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,28 +17,29 @@ from pixelflow.model.text_encoder import pad_tokens
 from pixelflow.parallel.world import World
 
 
-@dataclass
 class UnitText:
-    """The text side of one unit's samples for one step."""
+    """The text side of one unit's samples for one step, padded once to one length with the empty caption,
+    so that a micro-batch's text is two gathers and a select: no host sync in the step."""
 
-    embeddings: torch.Tensor  # (n, L, D) float32, zero at padding
-    mask: torch.Tensor  # (n, L) 1 = token
-    empty: torch.Tensor  # (1, Le, D) the empty caption
-    empty_mask: torch.Tensor  # (1, Le)
-    dropout: float
+    def __init__(
+        self,
+        embeddings: torch.Tensor,
+        mask: torch.Tensor,
+        empty: torch.Tensor,
+        empty_mask: torch.Tensor,
+        dropout: float,
+    ):
+        length = max(embeddings.shape[1], empty.shape[1])
+        self.embeddings, self.mask = pad_tokens(embeddings, mask, length)  # (n, L, D) zero at padding, (n, L)
+        self.empty, self.empty_mask = pad_tokens(empty, empty_mask, length)  # (1, L, D), (1, L)
+        self.dropout = dropout
 
     def micro_batch(self, rows: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(text, mask) for a micro-batch: `rows` of the unit's samples in stream order, their dropout draws."""
         text, mask = self.embeddings.index_select(0, rows), self.mask.index_select(0, rows)
         dropped = draws < self.dropout
-        if bool(dropped.any()):
-            length = max(text.shape[1], self.empty.shape[1])
-            text, mask = pad_tokens(text, mask, length)
-            empty, empty_mask = pad_tokens(self.empty, self.empty_mask, length)
-            text = torch.where(dropped[:, None, None], empty.expand_as(text), text)
-            mask = torch.where(dropped[:, None], empty_mask.expand_as(mask), mask)
-        longest = int(mask.sum(1).max()) if mask.numel() else 1
-        return text[:, :longest], mask[:, :longest]
+        text = torch.where(dropped[:, None, None], self.empty.expand_as(text), text)
+        return text, torch.where(dropped[:, None], self.empty_mask.expand_as(mask), mask)
 
     def padding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The text of a padding micro-batch's one sample."""

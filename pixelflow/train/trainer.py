@@ -198,6 +198,7 @@ def train_step(
     started = time.perf_counter()
     micro_batches = plan.micro_batches(unit)
     for index, samples in enumerate(micro_batches):
+        caption = caption_mask = None
         if len(samples):
             rows = to_device(torch.tensor([row_of[int(s)] for s in samples]), device)
             pairs = build_training_batch(
@@ -232,8 +233,8 @@ def train_step(
                 pairs.layout,
                 pairs.timesteps,
                 pairs.labels if cfg.model.num_classes > 0 else None,
-                text=caption if text is not None else None,
-                text_mask=caption_mask if text is not None else None,
+                text=caption,
+                text_mask=caption_mask,
                 token_range=token_range,
             )
         per_sample = per_sequence_mse(prediction, targets, pairs.layout, pieces)
@@ -242,12 +243,11 @@ def train_step(
         layouts.add(pairs.layout)
         real = held if token_range is None else max(0, min(token_range[1], stream) - token_range[0])
         padding += held - real if len(samples) else held
+        weight = scale if len(samples) else 0.0  # a padding micro-batch's loss counts for nothing
+        engine.backward(per_sample.sum() * weight, last=index == len(micro_batches) - 1)
         if len(samples):
-            engine.backward(per_sample.sum() * scale, last=index == len(micro_batches) - 1)
             losses.append(per_sample.detach())
             stage_ids.append(pairs.stages)
-        else:
-            engine.backward(per_sample.sum() * 0.0, last=index == len(micro_batches) - 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the host is ahead otherwise; the step's norm check syncs anyway
     busy = time.perf_counter() - started
