@@ -29,6 +29,12 @@ def _tiny_text_encoder(args: argparse.Namespace) -> None:
     print(f"wrote {tiny_text_encoder(args.dataset, args.output, args.dim, args.layers, options)}")
 
 
+def _train_classifier(args: argparse.Namespace) -> None:
+    from data_tools.classifier import train_classifier
+
+    print(json.dumps(asdict(train_classifier(args.output, args.resolution, args.steps, seed=args.seed))))
+
+
 def run_encode_text(args: argparse.Namespace, part: tuple[int, int] | None = None):
     """Encode as the parsed arguments say (part i of n of the shards with part, or --part I/N)."""
     from data_tools.text import encode_text
@@ -162,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--endpoint-url", help="S3-compatible endpoint for an s3:// dataset")
     tiny.set_defaults(func=_tiny_text_encoder)
+
+    classify = commands.add_parser(
+        "train-classifier",
+        help="train the small synthetic-shapes classifier that `pixelflow eval --classifier` scores samples with",
+        description="Train a small CNN on freshly drawn synthetic shapes (seconds on CPU) and report its accuracy "
+        "on a held-out set.",
+    )
+    classify.add_argument("output", help="file to write (e.g. demo_data/classifier.pt)")
+    classify.add_argument("--resolution", type=int, default=32, help="side it classifies at (default 32)")
+    classify.add_argument("--steps", type=int, default=1500)
+    classify.add_argument("--seed", type=int, default=0)
+    classify.set_defaults(func=_train_classifier)
 
     encode = commands.add_parser(
         "encode-text",

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from pixelflow.data.shard_format import (
     Manifest,
@@ -40,6 +39,7 @@ from pixelflow.data.shard_format import (
     write_json_atomically,
 )
 from pixelflow.data.storage import filesystem, storage_options, with_retries
+from pixelflow.progress import Progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KINDS = ("imagefolder", "captioned", "table")
@@ -441,9 +441,9 @@ def ingest(
     sizes = {job.number: len(job.items) for job in jobs}
     infos: dict[int, ShardInfo] = {}
     max_label = None
-    bar = tqdm(total=report.inputs, unit="img", disable=not progress, desc="ingest")
     context = multiprocessing.get_context("spawn")  # s3fs clients and their threads do not survive fork
-    with context.Pool(workers) if workers > 1 else _InProcess() as pool:
+    bar = Progress(report.inputs, "ingest", "img", enabled=progress)
+    with bar, context.Pool(workers) if workers > 1 else _InProcess() as pool:
         for written in pool.imap_unordered(write_shard, jobs):
             report.add(written)
             report.shards_reused += written["reused"]
@@ -452,7 +452,6 @@ def ingest(
             if written["max_label"] is not None:
                 max_label = max(written["max_label"], max_label if max_label is not None else -1)
             bar.update(sizes[written["number"]])
-    bar.close()
     report.shards = len(infos)
     report.seconds = round(time.perf_counter() - started, 3)
     if part is not None:

@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from pixelflow.data import text_store
 from pixelflow.data.shard_format import parse_sample, read_index, read_manifest
 from pixelflow.data.storage import filesystem
+from pixelflow.progress import Progress
 
 
 def shard_captions(fs, base: str, name: str) -> list[tuple[str, str]]:
@@ -97,21 +97,27 @@ def encode_text(
     if part is None or part[0] == 0:
         text_store.write_info(out_fs, out_base, encoder, max_tokens, empty[0].cpu().numpy())
     chosen = [shard for i, shard in enumerate(manifest.shards) if part is None or i % part[1] == part[0]]
-    encoded = skipped = 0
-    for shard in tqdm(chosen, desc="encoding captions", unit="shard", disable=not progress or None):
-        name = shard.name.removesuffix(".tar")
-        source = json.dumps([shard.name, shard.count, shard.bytes])  # the shard's fingerprint
-        done = text_store.read_index(out_fs, out_base, name)
-        if done is not None and done.get("source") == source:
-            skipped += 1
-            continue
-        captions = shard_captions(fs, base, shard.name)
-        items = []
-        for first in range(0, len(captions), batch):
-            chunk = captions[first : first + batch]
-            embeddings, mask = model.encode([caption for _, caption in chunk])
-            for (key, _), row, keep in zip(chunk, embeddings, mask):
-                items.append((key, row[: int(keep.sum())].cpu().numpy()))
-        text_store.write_shard(out_fs, out_base, name, items, source)
-        encoded += 1
-    return EncodeReport(len(chosen), encoded, skipped)
+    encoded = 0
+    with Progress(len(chosen), "encoding captions", "shard", enabled=progress) as bar:
+        for shard in chosen:
+            encoded += encode_shard(model, fs, base, out_fs, out_base, shard, batch)
+            bar.update()
+    return EncodeReport(len(chosen), encoded, len(chosen) - encoded)
+
+
+def encode_shard(model, fs, base: str, out_fs, out_base: str, shard, batch: int) -> bool:
+    """Encode one shard's captions; False when they were already encoded from the same shard."""
+    name = shard.name.removesuffix(".tar")
+    source = json.dumps([shard.name, shard.count, shard.bytes])  # the shard's fingerprint
+    done = text_store.read_index(out_fs, out_base, name)
+    if done is not None and done.get("source") == source:
+        return False
+    captions = shard_captions(fs, base, shard.name)
+    items = []
+    for first in range(0, len(captions), batch):
+        chunk = captions[first : first + batch]
+        embeddings, mask = model.encode([caption for _, caption in chunk])
+        for (key, _), row, keep in zip(chunk, embeddings, mask):
+            items.append((key, row[: int(keep.sum())].cpu().numpy()))
+    text_store.write_shard(out_fs, out_base, name, items, source)
+    return True

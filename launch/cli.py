@@ -1,5 +1,5 @@
 """`pixelflow-launch` (also `python -m launch`): submit training to SLURM, watch it, cancel it, run it locally,
-ingest and encode-text as job arrays. Thin: parses, then calls launch.slurm / launch.local / launch.arrays."""
+ingest, encode-text and eval as job arrays. Thin: parses, then calls launch.slurm / launch.local / launch.arrays."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from data_tools.cli import add_encode_text_arguments, add_ingest_arguments
 from data_tools.ingest import IngestError
 from launch.slurm import LaunchError
-from pixelflow.cli import USER_ERRORS, run_command
+from pixelflow.cli import USER_ERRORS, add_eval_arguments, run_command
 from pixelflow.config import SlurmConfig, load_config
 
 
@@ -92,6 +92,19 @@ def _encode_text(args: argparse.Namespace) -> None:
     print(f"submitted array tasks {' '.join(ids)}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from launch.arrays import absolute, submit_array
+    from pixelflow.cli import run_eval
+
+    tasks = check_tasks(args)
+    for name in ("checkpoint", "out", "prompt_file", "text_encoder", "classifier", "reference", "inception_weights"):
+        if getattr(args, name):
+            setattr(args, name, absolute(getattr(args, name)))
+    ids, final = submit_array(args, array_slurm(args, "pixelflow-eval"), tasks, run_eval, final=True)
+    print(f"submitted array tasks {' '.join(ids)}")
+    print(f"submitted final step {final} (npz and scores; runs once every task succeeded)")
+
+
 def add_array_arguments(parser: argparse.ArgumentParser, logs: str) -> None:
     parser.add_argument("--tasks", type=int, required=True, help="array tasks")
     parser.add_argument("--task", type=int, action="append", help="submit only this task (again); repeatable")
@@ -161,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_encode_text_arguments(encode)
     add_array_arguments(encode, "encode_logs")
     encode.set_defaults(func=_encode_text)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="sample and score for evaluation as a SLURM job array",
+        description="pixelflow eval split over --tasks array tasks (every N-th batch each, the same images as one "
+        "process draws), plus a final step that writes the npz and the scores.",
+    )
+    add_eval_arguments(evaluate)
+    add_array_arguments(evaluate, "eval_logs")
+    evaluate.set_defaults(func=_eval)
     return parser
 
 

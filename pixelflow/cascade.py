@@ -259,6 +259,7 @@ def sample(
     channels: int = 3,
     shift: float = 1.0,
     solver: str = "euler",
+    on_steps: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Generate `count` images in [-1, 1], stage by stage, with classifier-free guidance.
 
@@ -266,6 +267,7 @@ def sample(
     stage (scale 1 runs the conditional branch alone). Within a stage: the reference's Euler grid, or
     adaptive dopri5 (torchdiffeq, atol 1e-6, rtol 1e-3, as the reference). Between stages: nearest 2x
     upsample, then renoise with correlated block noise. All per-step work stays on the device.
+    on_steps(n) is told of every n solver steps done (a progress bar; a dopri5 stage counts as steps_per_stage).
     """
     device = generator.device
     steps = [steps_per_stage] * schedule.stages if isinstance(steps_per_stage, int) else list(steps_per_stage)
@@ -290,11 +292,15 @@ def sample(
             x = alpha * x + beta * block_noise(x.shape, schedule.gamma, generator, device)
         if solver == "dopri5":
             x = _dopri5_stage(guided, x, schedule, stage, guidance[stage])
+            if on_steps:
+                on_steps(steps[stage])
             continue
         tau = stage_time_grid(schedule, stage, steps[stage], shift)
         timesteps = schedule.timestep(stage, torch.tensor(tau[:-1], device=device)).float()
         for i in range(steps[stage]):
             x = x + float(tau[i + 1] - tau[i]) * guided(x, timesteps[i], guidance[stage])
+            if on_steps:
+                on_steps(1)
     return x
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from pixelflow.compat import ConversionError
@@ -78,6 +80,7 @@ def _sample(args: argparse.Namespace) -> None:
 
     from pixelflow.generate import generate, load_for_sampling, save_grid
     from pixelflow.parallel.world import resolve_device
+    from pixelflow.progress import Progress
 
     check_sample_arguments(args)
     device = resolve_device(args.device)
@@ -99,8 +102,8 @@ def _sample(args: argparse.Namespace) -> None:
     steps = args.steps if args.steps is not None else cfg.sample.steps_per_stage
     scale = cfg.sample.cfg if args.cfg is None else args.cfg
     solver = args.solver or cfg.sample.solver
-    with torch.inference_mode():
-        images = generate(model, cfg, labels, count, args.seed, steps, scale, device, solver, prompts)
+    with torch.inference_mode(), Progress(steps * cfg.cascade.stages, "sample", "step") as bar:
+        images = generate(model, cfg, labels, count, args.seed, steps, scale, device, solver, prompts, bar.update)
     print(f"wrote {save_grid(images, args.out, columns)}")
 
 
@@ -148,46 +151,81 @@ def sample_prompts(args: argparse.Namespace, cfg, device):
     return Prompts.encode(encoder, per_image, args.negative_prompt), len(texts) if args.per_class > 1 else None
 
 
-def _eval(args: argparse.Namespace) -> None:
+@dataclass
+class EvalReport:
+    drawn: int  # images this process drew (the rest already existed or belong to other parts)
+    npz: str | None  # samples_N.npz, from the process that wrote it
+    scores: dict
+
+
+def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None) -> EvalReport:
+    """`pixelflow eval` as parsed: with part (i, n), draw only that part (one task of a SLURM array); otherwise
+    every rank draws its part, then rank 0 writes the npz and the scores."""
     import torch
     import torch.distributed as dist
 
-    from pixelflow.evaluate import eval_sample
+    from pixelflow.evaluate import EvalSpec, draw_images, score_samples, write_npz
     from pixelflow.generate import load_for_sampling
     from pixelflow.parallel.world import resolve_device
 
     if args.images < 1 or args.batch < 1:
         raise ConfigError(f"--images {args.images} / --batch {args.batch}: must be at least 1")
+    if bool(args.reference) != bool(args.inception_weights):
+        raise ConfigError("--reference and --inception-weights: FID needs both (or neither)")
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if part is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model, cfg = load_for_sampling(args.checkpoint, "ema", device, dtype)
-        classes, prompts, encoder = None, None, None
+        spec = EvalSpec(args.images, batch=args.batch, seed=args.seed, steps=args.steps, cfg_scale=args.cfg)
+        encoder = None
         if cfg.model.text_dim:
-            prompts, encoder = read_prompts(args), prompt_encoder(args, cfg, device)
+            spec.prompts, encoder = read_prompts(args), prompt_encoder(args, cfg, device)
         elif cfg.model.num_classes:
-            classes = checked_classes(args.classes, cfg, cfg.model.num_classes)
-        path = eval_sample(
-            model,
-            cfg,
-            Path(args.out),
-            args.images,
-            classes,
-            prompts,
-            args.batch,
-            args.seed,
-            args.steps,
-            args.cfg,
-            device,
-            encoder,
-        )
-        if path is not None:
-            print(f"wrote {path}")
+            spec.classes = checked_classes(args.classes, cfg, cfg.model.num_classes)
+        out = Path(args.out)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        drawn = draw_images(model, cfg, spec, out, part or (rank, world), device, encoder)
+        if part is not None:
+            return EvalReport(drawn, None, {})
+        if dist.is_initialized():
+            dist.barrier()
+        if rank != 0:
+            return EvalReport(drawn, None, {})
+        path = write_npz(out, spec)
+        print(f"wrote {path}")
+        scores = score_samples(path, args.classifier, args.reference, args.inception_weights, device)
+        if scores:
+            (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+            print(json.dumps(scores))
+        return EvalReport(drawn, str(path), scores)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _eval(args: argparse.Namespace) -> None:
+    run_eval(args)
+
+
+def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
+    """`pixelflow eval`'s options (shared with `pixelflow-launch eval`)."""
+    evaluate.add_argument("--checkpoint", required=True, help="run directory, step folder or export")
+    evaluate.add_argument("--out", required=True, help="folder to write")
+    evaluate.add_argument("--images", type=int, required=True, help="images in all")
+    evaluate.add_argument("--classes", type=int, nargs="+", help="classes in turn (default: all)")
+    evaluate.add_argument("--prompt", action="append", help="a prompt (repeatable); with --prompt-file's, in turn")
+    evaluate.add_argument("--prompt-file", help="prompts in turn, one per line (text-to-image models)")
+    evaluate.add_argument("--text-encoder", help="local T5 encoder directory (default: the config's)")
+    evaluate.add_argument("--batch", type=int, default=16, help="images per sampler call (default 16)")
+    evaluate.add_argument("--steps", type=int, help="Euler steps per stage (default: the config's)")
+    evaluate.add_argument("--cfg", type=float, help="CFG scale (default: the config's)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument("--classifier", help="report class accuracy with this file (pixelflow-data train-classifier)")
+    evaluate.add_argument("--reference", help="reference batch .npz: images (arr_0) or statistics (mu, sigma)")
+    evaluate.add_argument("--inception-weights", help="local pytorch-fid Inception weights (pt_inception-*.pth)")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -246,23 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="sample exactly N images for evaluation (one process or torchrun), resumable",
+        help="sample exactly N images (one process or torchrun) and score them (FID, IS, ...), resumable",
         description="Sample --images N images (classes in turn, or the prompt file's lines in turn) split over the "
-        "ranks, as OUT/images/NNNNNN.png and OUT/samples_N.npz (arr_0: N x H x W x 3 uint8, the ADM layout). "
-        "A rerun keeps the finished images.",
+        "ranks, as OUT/images/NNNNNN.png and OUT/samples_N.npz (arr_0: N x H x W x 3 uint8, the ADM layout), then "
+        "score them into OUT/scores.json (FID, sFID, IS, precision/recall with --reference and "
+        "--inception-weights; class accuracy with --classifier). A rerun keeps the finished images.",
     )
-    evaluate.add_argument("--checkpoint", required=True, help="run directory, step folder or export")
-    evaluate.add_argument("--out", required=True, help="folder to write")
-    evaluate.add_argument("--images", type=int, required=True, help="images in all")
-    evaluate.add_argument("--classes", type=int, nargs="+", help="classes in turn (default: all)")
-    evaluate.add_argument("--prompt", action="append", help="a prompt (repeatable); with --prompt-file's, in turn")
-    evaluate.add_argument("--prompt-file", help="prompts in turn, one per line (text-to-image models)")
-    evaluate.add_argument("--text-encoder", help="local T5 encoder directory (default: the config's)")
-    evaluate.add_argument("--batch", type=int, default=16, help="images per sampler call (default 16)")
-    evaluate.add_argument("--steps", type=int, help="Euler steps per stage (default: the config's)")
-    evaluate.add_argument("--cfg", type=float, help="CFG scale (default: the config's)")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_eval)
 
     report = commands.add_parser(

@@ -73,6 +73,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warmup: constant (the paper) | cosine (down to min_lr at the last step)
+    min_lr: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     log_every: int = 10
@@ -338,6 +340,12 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (t.weight_decay >= 0, "train.weight_decay", f"= {t.weight_decay} must not be negative"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)"),
         (t.warmup_steps >= 0, "train.warmup_steps", f"= {t.warmup_steps} must not be negative"),
+        (
+            t.lr_schedule in ("constant", "cosine"),
+            "train.lr_schedule",
+            f"= {t.lr_schedule!r} must be constant or cosine",
+        ),
+        (0 <= t.min_lr <= t.lr, "train.min_lr", f"= {t.min_lr} must be in [0, train.lr]"),
         (t.grad_clip > 0, "train.grad_clip", f"= {t.grad_clip} must be positive"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"= {t.ema_decay} must be in [0, 1)"),
         (t.log_every >= 1, "train.log_every", f"= {t.log_every} must be at least 1"),

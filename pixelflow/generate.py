@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def generate(
     device: torch.device | str = "cpu",
     solver: str = "euler",
     prompts: Prompts | None = None,
+    on_steps: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """(count, 3, R, R) uint8 images; labels (one per image) for class-conditional models, prompts (one per
     image) for text-conditional ones. The model's own dtype sets the precision (bf16 weights on GPU; the
@@ -110,6 +112,7 @@ def generate(
         cfg.model.in_channels,
         cfg.sample.shift,
         solver,
+        on_steps,
     )
     return to_uint8(images).cpu()
 

@@ -12,9 +12,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from data_tools.synthetic import write_synthetic_dataset  # noqa: E402
 from pixelflow.config import Config, load_config  # noqa: E402
+from pixelflow.quality.inception import FIDInception  # noqa: E402
 from tests.s3 import CREDENTIALS, MotoServer, free_port  # noqa: E402
 
 torch.set_num_threads(1)
@@ -44,6 +46,22 @@ def shapes_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     write_synthetic_dataset(str(root), count=192, per_shard=32, size=40, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+    """A random-weight FID Inception, initialised so activations neither vanish nor explode over its depth."""
+    torch.manual_seed(0)
+    model = FIDInception()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save(model.state_dict(), path)
+    return path
 
 
 def tiny_overrides(run_dir: Path, data: Path, *overrides: str) -> list[str]:

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from data_tools.classifier import train_classifier
 from pixelflow.train.trainer import train
 from tests.conftest import run_ranks, tiny_config
 
@@ -18,7 +19,9 @@ def written(out) -> list[dict]:
     return [json.loads(line) for path in sorted(out.glob("written_rank_*.jsonl")) for line in path.open()]
 
 
-def test_eval_draws_exactly_n_images_once_each_on_any_number_of_ranks_and_resumes(tmp_path, shapes_dataset):
+def test_eval_draws_exactly_n_images_once_each_on_any_number_of_ranks_and_resumes(
+    tmp_path, shapes_dataset, inception_file
+):
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=2")).run_dir
     options = [
         "--checkpoint",
@@ -54,3 +57,27 @@ def test_eval_draws_exactly_n_images_once_each_on_any_number_of_ranks_and_resume
     again = evaluate(tmp_path / "two", 2)
     assert sorted(r["index"] for r in written(tmp_path / "two")[len(drawn) :]) == [2, 3]
     assert np.array_equal(again["arr_0"], one["arr_0"])
+
+    # scoring a finished eval folder: the samples are kept, the scores written beside them
+    train_classifier(str(tmp_path / "classifier.pt"), steps=5, count=32)
+    np.savez(tmp_path / "reference.npz", arr_0=one["arr_0"][::-1].copy())
+    scoring = ["--classifier", str(tmp_path / "classifier.pt"), "--inception-weights", str(inception_file)]
+    run_ranks(
+        [
+            "-m",
+            "pixelflow",
+            "eval",
+            "--out",
+            str(tmp_path / "one"),
+            *options,
+            *scoring,
+            "--reference",
+            str(tmp_path / "reference.npz"),
+        ],
+        1,
+    )
+    scores = json.loads((tmp_path / "one" / "scores.json").read_text())
+    assert set(scores) == {"class_accuracy", "fid", "sfid", "inception_score", "precision", "recall"}
+    assert 0 <= scores["class_accuracy"] <= 1
+    assert abs(scores["fid"]) < 1e-3  # the reference holds the same images (in another order)
+    assert len(written(tmp_path / "one")) == 5  # nothing drawn again

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -218,3 +219,26 @@ def test_array_encode_text_writes_what_a_local_encode_writes(tmp_path, shapes_da
 
     assert len(files(tmp_path / "local")) == 2 + 2 * 6  # encoder info, empty caption, 6 shards x (data, index)
     assert files(tmp_path / "array") == files(tmp_path / "local")
+
+
+def test_array_eval_draws_the_images_one_process_draws(tmp_path, shapes_dataset, slurm_cluster):
+    from pixelflow.train.trainer import train
+    from tests.conftest import tiny_config
+
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=2")).run_dir
+    options = ["--checkpoint", str(run_dir), "--images", "7", "--batch", "2", "--steps", "2", "--device", "cpu"]
+    local = subprocess.run(
+        [sys.executable, "-m", "pixelflow", "eval", "--out", str(tmp_path / "local"), *options],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert local.returncode == 0, local.stderr
+    done = launch("eval", *options, "--out", str(tmp_path / "array"), "--tasks", "3", "--logs", str(tmp_path / "logs"))
+    final = done.stdout.splitlines()[1].split()[3]
+    assert wait_final(final, 240) == "COMPLETED"
+    drawn = [json.loads(line) for path in (tmp_path / "array").glob("written_rank_*.jsonl") for line in path.open()]
+    assert sorted(record["index"] for record in drawn) == list(range(7))  # each index once, over 3 tasks
+    assert {record["rank"] for record in drawn} == {0, 1, 2}
+    with np.load(tmp_path / "local" / "samples_7.npz") as one, np.load(tmp_path / "array" / "samples_7.npz") as array:
+        assert np.array_equal(one["arr_0"], array["arr_0"]) and np.array_equal(one["labels"], array["labels"])

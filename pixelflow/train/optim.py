@@ -1,6 +1,9 @@
-"""AdamW with linear warmup to a constant learning rate (the paper's schedule)."""
+"""AdamW with linear warmup, then a constant learning rate (the paper's schedule) or a cosine decay to
+`train.min_lr` at the last step (short runs such as the demo end better with it)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -20,9 +23,14 @@ def build_optimizer(
         foreach=None if fused else True,
         fused=True if fused else None,
     )
-    warmup = cfg.warmup_steps
+    warmup, floor = cfg.warmup_steps, cfg.min_lr / cfg.lr
 
     def factor(step: int) -> float:  # step counts optimizer steps already taken
-        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if step + 1 < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_schedule == "constant" or cfg.steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step + 1 - warmup) / (cfg.steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
