@@ -114,6 +114,7 @@ class ParallelConfig:
     dp_replicate: int = 1  # replicas of the sharded model (HSDP when > 1)
     dp_shard: int = 0  # ranks each replica's parameters are sharded over; 0 = all the rest
     sp: int = 1  # Ulysses sequence parallel: ranks sharing one packed micro-batch (must divide num_heads)
+    tp: int = 1  # tensor parallel (megatron-core layers): ranks splitting every block's heads and MLP
     compile: bool = False  # torch.compile every transformer block
     activation_checkpointing: str = "none"  # none | full | every_<k> (every k-th block)
 
@@ -361,10 +362,17 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             "parallel.sp",
             f"= {cfg.parallel.sp} must divide model.num_heads = {m.num_heads} (Ulysses splits heads)",
         ),
+        (cfg.parallel.tp >= 1, "parallel.tp", "must be at least 1"),
         (
-            cfg.engine != "deepspeed" or (cfg.parallel.sp == 1 and cfg.parallel.dp_replicate == 1),
+            m.num_heads % (cfg.parallel.tp * cfg.parallel.sp) == 0,
+            "parallel.tp",
+            f"= {cfg.parallel.tp} x parallel.sp = {cfg.parallel.sp} must divide model.num_heads = {m.num_heads} "
+            "(tensor parallel and Ulysses both split heads)",
+        ),
+        (
+            cfg.engine != "deepspeed" or (cfg.parallel.sp == cfg.parallel.tp == cfg.parallel.dp_replicate == 1),
             "engine",
-            "= deepspeed runs ZeRO-3 data parallel only (parallel.sp and parallel.dp_replicate must be 1)",
+            "= deepspeed runs ZeRO-3 data parallel only (parallel.sp, tp and dp_replicate must be 1)",
         ),
         (
             re.fullmatch(r"none|full|every_[1-9]\d*", cfg.parallel.activation_checkpointing) is not None,

@@ -47,6 +47,7 @@ def test_overrides_apply(tmp_path):
         ),
         (BASE, ["data.resolution=48"], "command line override: 'data.resolution' = 48 must be a positive multiple"),
         (BASE, ["trian.steps=3"], "command line override 'trian.steps=3': unknown key 'trian'"),
+        (BASE, ["train.lr_schedule=linear"], "'train.lr_schedule' = 'linear' must be constant or cosine"),
         (BASE, ["train.steps"], "override 'train.steps' is not of the form key=value"),
         (
             BASE,
@@ -91,6 +92,7 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
     [
         (["parallel.sp=3"], "'parallel.sp' = 3 must divide model.num_heads = 16"),
         (["engine=deepspeed", "parallel.sp=2"], "'engine' = deepspeed runs ZeRO-3 data parallel only"),
+        (["parallel.tp=4", "parallel.sp=8"], "'parallel.tp' = 4 x parallel.sp = 8 must divide model.num_heads = 16"),
         (["engine=ddp"], "'engine' = 'ddp' must be fsdp or deepspeed"),
         (["parallel.activation_checkpointing=some"], "must be none, full or every_<k>"),
     ],
@@ -102,9 +104,11 @@ def test_bad_parallel_settings_fail_clearly(tmp_path, overrides, expected):
 
 def test_process_count_must_match_the_mesh(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["parallel.dp_shard=2", "parallel.sp=2", "train.global_batch=8"])
-    assert layout_for(cfg, 4) == (1, 2, 2)
-    with pytest.raises(ConfigError, match=re.escape("dp_replicate x dp_shard x sp = 1 x 2 x 2 does not match the 2")):
+    assert layout_for(cfg, 4) == (1, 2, 2, 1)
+    with pytest.raises(ConfigError, match=re.escape("dp_shard x sp x tp = 1 x 2 x 2 x 1 does not match the 2")):
         layout_for(cfg, 2)
     automatic = load_config(write(tmp_path, BASE), ["parallel.sp=2", "train.global_batch=6"])
-    assert layout_for(automatic, 6) == (1, 3, 2)
-    assert layout_for(automatic, 8) == (1, 4, 2)  # the planner deals 6 samples over 4 data ranks by cost
+    assert layout_for(automatic, 6) == (1, 3, 2, 1)
+    assert layout_for(automatic, 8) == (1, 4, 2, 1)  # the planner deals 6 samples over 4 data ranks by cost
+    with_tp = load_config(write(tmp_path, BASE), ["parallel.tp=2", "parallel.sp=2"])
+    assert layout_for(with_tp, 8) == (1, 2, 2, 2)

@@ -172,3 +172,22 @@ def test_report_plots_one_or_several_runs(tmp_path, shapes_dataset):
         [sys.executable, "-m", "pixelflow", "report", str(tmp_path)], capture_output=True, text=True, cwd=REPO
     )
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr_at_the_last_step():
+    from pixelflow.config import TrainConfig
+    from pixelflow.train.optim import build_optimizer
+
+    cfg = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, lr_schedule="cosine", min_lr=1e-4)
+    optimizer, schedule = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    rates = []
+    for _ in range(cfg.steps):
+        rates.append(optimizer.param_groups[0]["lr"])  # the rate of the step about to be taken
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warmup
+    assert rates[59] == pytest.approx(0.55e-3)  # half way through the decay: the mean of lr and min_lr
+    assert rates[-1] == pytest.approx(1e-4)  # the last step runs at min_lr
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    cfg.lr_schedule = "constant"
+    assert build_optimizer(torch.nn.Linear(2, 2), cfg)[0].param_groups[0]["lr"] == pytest.approx(1e-4)

@@ -1,9 +1,11 @@
 """`parallelize(model, cfg, device, world)`: everything that changes how the model runs, not what it computes.
 
-Applied in this order, from outside the model, as torchtitan does: attention kernel, Ulysses sequence
-parallel around it, activation checkpointing, torch.compile per block, then FSDP2 (`fully_shard` per block
-and at the root; HSDP when dp_replicate > 1; bf16 parameters with float32 gradient reduction on CUDA).
-Parameter names stay as they were, so checkpoints, EMA and sampling see the plain model.
+A short sequence of steps, each in its own function, applied from outside the model in torchtitan's
+order: the attention kernel, tensor parallel (megatron-core layers), Ulysses sequence parallel around the
+kernel, activation checkpointing, torch.compile per block, then FSDP2 (`fully_shard` per block and at the
+root over the mesh's `fsdp` view; HSDP when dp_replicate > 1; bf16 parameters with float32 gradient
+reduction on CUDA). Parameter names stay as they were, so checkpoints, EMA and sampling see the plain
+model's names; tensor parallelism leaves its plan on the model (`model.tensor_parallel`) for checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +23,39 @@ from pixelflow.parallel.ulysses import UlyssesAttention
 from pixelflow.parallel.world import World
 
 
+def parallelize(
+    model: PixelFlowTransformer, cfg: Config, device: torch.device, world: World | None = None
+) -> PixelFlowTransformer:
+    """Prepare a model (already on its device) for training or sampling according to cfg."""
+    apply_attention_kernel(model, cfg.model.attention, device.type)
+    if world is not None and world.tp > 1:
+        apply_tensor_parallel(model, world)
+    if world is not None and world.sp > 1:
+        apply_ulysses(model, world)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    if cfg.parallel.compile:
+        apply_compile(model)
+    if world is not None and world.distributed and cfg.engine == "fsdp":
+        apply_fsdp(model, world, device)
+    return model
+
+
+def apply_attention_kernel(model: nn.Module, name: str, device_type: str) -> None:
+    set_attention_backend(model, name, device_type)
+
+
+def apply_tensor_parallel(model: nn.Module, world: World) -> None:
+    from pixelflow.parallel.tensor_parallel import apply_tensor_parallel as swap_layers
+
+    model.tensor_parallel = swap_layers(model, world.tp_group, world.tp, world.tp_rank)
+
+
+def apply_ulysses(model: nn.Module, world: World) -> None:
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.core = UlyssesAttention(module.core, world.sp_group, world.sp)
+
+
 def checkpointed_blocks(mode: str, depth: int) -> list[int]:
     """Indices of the blocks whose activations are recomputed in backward."""
     if mode == "none":
@@ -29,43 +64,35 @@ def checkpointed_blocks(mode: str, depth: int) -> list[int]:
     return list(range(0, depth, every))
 
 
-def _recompute_in_backward(block: nn.Module) -> None:
-    forward = block.forward
+def apply_activation_checkpointing(model: PixelFlowTransformer, mode: str) -> None:
+    for index in checkpointed_blocks(mode, len(model.blocks)):
+        block = model.blocks[index]
+        forward = block.forward
 
-    @functools.wraps(forward)
-    def recomputed(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        @functools.wraps(forward)
+        def recomputed(*args, forward=forward, **kwargs):
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
-    block.forward = recomputed
+        block.forward = recomputed
 
 
-def parallelize(
-    model: PixelFlowTransformer, cfg: Config, device: torch.device, world: World | None = None
-) -> PixelFlowTransformer:
-    """Prepare a model (already on its device) for training or sampling according to cfg."""
-    set_attention_backend(model, cfg.model.attention, device.type)
-    if world is not None and world.sp > 1:
-        for module in model.modules():
-            if isinstance(module, SelfAttention):
-                module.core = UlyssesAttention(module.core, world.sp_group, world.sp)
-    for index in checkpointed_blocks(cfg.parallel.activation_checkpointing, len(model.blocks)):
-        _recompute_in_backward(model.blocks[index])
-    if cfg.parallel.compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for block in model.blocks:
-            block.compile(dynamic=False)
-    if world is not None and world.distributed and cfg.engine == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def apply_compile(model: PixelFlowTransformer) -> None:
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.blocks:
+        block.compile(dynamic=False)
 
-        # inputs keep their dtype (timesteps stay float32); the trainer's autocast casts matmul inputs
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        options = {
-            "mesh": world.fsdp_mesh,
-            "mp_policy": policy if device.type == "cuda" else MixedPrecisionPolicy(),
-            # sharded over one rank, resharding after forward frees nothing and costs a second unshard
-            "reshard_after_forward": world.dp_shard * world.sp > 1,
-        }
-        for block in model.blocks:
-            fully_shard(block, **options)
-        fully_shard(model, **options)
-    return model
+
+def apply_fsdp(model: PixelFlowTransformer, world: World, device: torch.device) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # inputs keep their dtype (timesteps stay float32); the trainer's autocast casts matmul inputs
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    options = {
+        "mesh": world.fsdp_mesh,
+        "mp_policy": policy if device.type == "cuda" else MixedPrecisionPolicy(),
+        # sharded over one rank, resharding after forward frees nothing and costs a second unshard
+        "reshard_after_forward": world.dp_shard * world.sp > 1,
+    }
+    for block in model.blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)

@@ -1,4 +1,4 @@
-"""The process world: rank, device, and the device mesh dp_replicate x dp_shard x sp.
+"""The process world: rank, device, and the one device mesh dp_replicate x dp_shard x sp x tp.
 
 Set up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or SLURM's
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR/PORT exported by the launcher). One process
@@ -8,6 +8,7 @@ without either is a world of one, with no process group.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -17,18 +18,28 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from pixelflow.config import Config, ConfigError
 
+MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "tp")
+
 
 @dataclass(frozen=True)
 class World:
+    """This process's place in the one device mesh dp_replicate x dp_shard x sp x tp, and the named views
+    every group is taken from (as torchtitan's ParallelDims):
+
+    - `dp`: dp_replicate x dp_shard, the ranks that read different data;
+    - `fsdp`: where parameters are sharded: dp_shard x sp (an SP group holds one copy of the model, as
+      torchtitan shards over context parallel), with dp_replicate as the replica dimension of HSDP;
+    - `sp`: the Ulysses group that shares one packed micro-batch; `tp`: the tensor-parallel group.
+    """
+
     rank: int
     size: int
     device: torch.device
-    mesh: DeviceMesh | None = None  # dims dp_replicate, dp_shard, sp; None for a single process
-    dp_mesh: DeviceMesh | None = None  # dp_replicate x dp_shard flattened: ranks that read different data
-    fsdp_mesh: DeviceMesh | None = None  # where parameters live: (dp_replicate,) dp_shard x sp
+    mesh: DeviceMesh | None = None  # None for a single process
     dp_replicate: int = 1
     dp_shard: int = 1
     sp: int = 1
+    tp: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -43,8 +54,23 @@ class World:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def gradient_ranks(self) -> int:
+        """Ranks whose gradients FSDP averages (tensor-parallel ranks hold different parameters)."""
+        return self.size // self.tp
+
+    @functools.cached_property
+    def dp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["dp"] if self.mesh is not None else None
+
+    @functools.cached_property
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        if self.mesh is None:
+            return None
+        return self.mesh["dp_replicate", "dp_shard_sp"] if self.dp_replicate > 1 else self.mesh["dp_shard_sp"]
+
+    @property
     def dp_rank(self) -> int:
-        return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+        return self.dp_mesh.get_local_rank() if self.mesh is not None else 0
 
     @property
     def sp_rank(self) -> int:
@@ -53,6 +79,22 @@ class World:
     @property
     def sp_group(self):
         return self.mesh["sp"].get_group() if self.mesh is not None else None
+
+    @property
+    def tp_rank(self) -> int:
+        return self.mesh["tp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def tp_group(self):
+        return self.mesh["tp"].get_group() if self.mesh is not None else None
+
+
+def build_mesh(device_type: str, replicate: int, shard: int, sp: int, tp: int) -> DeviceMesh:
+    """The one mesh, with the flattened views `dp` and `dp_shard_sp` registered on it."""
+    mesh = init_device_mesh(device_type, (replicate, shard, sp, tp), mesh_dim_names=MESH_DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+    return mesh
 
 
 def _environment() -> tuple[int, int, int]:
@@ -64,17 +106,18 @@ def _environment() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def layout_for(cfg: Config, size: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, sp) for a world size; dp_shard 0 takes all the remaining ranks."""
-    replicate, shard, sp = cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.sp
+def layout_for(cfg: Config, size: int) -> tuple[int, int, int, int]:
+    """(dp_replicate, dp_shard, sp, tp) for a world size; dp_shard 0 takes all the remaining ranks."""
+    p = cfg.parallel
+    replicate, shard, sp, tp = p.dp_replicate, p.dp_shard, p.sp, p.tp
     if shard == 0:
-        shard = size // (replicate * sp)
-    if replicate * shard * sp != size:
+        shard = size // (replicate * sp * tp)
+    if replicate * shard * sp * tp != size:
         raise ConfigError(
-            f"parallel.dp_replicate x dp_shard x sp = {replicate} x {shard or '?'} x {sp} does not match the "
-            f"{size} processes started"
+            f"parallel.dp_replicate x dp_shard x sp x tp = {replicate} x {shard or '?'} x {sp} x {tp} does not "
+            f"match the {size} processes started"
         )
-    return replicate, shard, sp
+    return replicate, shard, sp, tp
 
 
 def resolve_device(name: str, index: int = 0) -> torch.device:
@@ -93,7 +136,7 @@ def init_world(cfg: Config, device_name: str = "auto") -> World:
     use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
-    replicate, shard, sp = layout_for(cfg, size)
+    layout = layout_for(cfg, size)
     if size == 1 and "RANK" not in os.environ:
         return World(0, 1, device, None)
     if not dist.is_initialized():
@@ -104,17 +147,7 @@ def init_world(cfg: Config, device_name: str = "auto") -> World:
             timeout=datetime.timedelta(minutes=30),
             device_id=device if use_cuda else None,
         )
-    mesh = init_device_mesh(device.type, (replicate, shard, sp), mesh_dim_names=("dp_replicate", "dp_shard", "sp"))
-    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    # parameters are sharded over dp_shard x sp (as torchtitan does with context parallel), replicated over
-    # dp_replicate (HSDP); rank order matches the 3-D mesh
-    if replicate > 1:
-        fsdp_mesh = init_device_mesh(
-            device.type, (replicate, shard * sp), mesh_dim_names=("dp_replicate", "dp_shard_sp")
-        )
-    else:
-        fsdp_mesh = mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
-    return World(rank, size, device, mesh, dp_mesh, fsdp_mesh, replicate, shard, sp)
+    return World(rank, size, device, build_mesh(device.type, *layout), *layout)
 
 
 def shutdown(world: World, together: bool = True) -> None:

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from pixelflow.config import Config
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.parallel import parallelize
+from pixelflow.parallel.tensor_parallel import WholeTensors, clip_grad_norm
 from pixelflow.parallel.world import World
 from pixelflow.train.ema import EMA
 from pixelflow.train.optim import build_optimizer
@@ -56,6 +57,7 @@ class FsdpEngine:
     def __init__(self, cfg: Config, world: World):
         self.world, self.grad_clip = world, cfg.train.grad_clip
         self.model = parallelize(initial_model(cfg).to(world.device), cfg, world.device, world)
+        self.tensor_parallel = getattr(self.model, "tensor_parallel", None)
         fused = world.device.type == "cuda" and not world.distributed
         self.optimizer, self.lr_schedule = build_optimizer(self.model, cfg.train, fused=fused)
         self.ema = EMA(self.model, cfg.train.ema_decay)
@@ -67,7 +69,10 @@ class FsdpEngine:
     def step(self) -> torch.Tensor:
         """Clip (over the sharded norm), step, advance the LR schedule and the EMA; returns the grad norm.
         A non-finite norm (NaN/inf loss or gradient) is never applied: that costs one host sync per step."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+        if self.tensor_parallel is not None:
+            norm = clip_grad_norm(self.model, self.grad_clip, self.tensor_parallel)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         if torch.isfinite(norm):
@@ -79,12 +84,15 @@ class FsdpEngine:
         return norm
 
     def checkpoint_parts(self) -> dict[str, Any]:
-        return {
+        """Tensor-parallel weights, EMA and moments are saved whole, so any tp resumes any other."""
+        parts = {
             "model": ModelPart(self.model),
             "ema": self.ema,
             "optimizer": OptimizerPart(self.model, self.optimizer),
-            "lr_schedule": self.lr_schedule,
         }
+        if self.tensor_parallel is not None:
+            parts = {name: WholeTensors(part, self.tensor_parallel) for name, part in parts.items()}
+        return {**parts, "lr_schedule": self.lr_schedule}
 
 
 class ModelPart:

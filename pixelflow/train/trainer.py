@@ -73,8 +73,10 @@ class LossWindow:
         self.wait_s, self.flops, self.trained_tokens = 0.0, 0.0, 0
 
     def add(self, outcome: StepOutcome, plan: StepPlan | None = None) -> None:
-        self.sums.index_add_(0, outcome.stages, outcome.per_sample.detach())
-        counted = 1.0 if self.world.sp_rank == 0 else 0.0  # an SP group's ranks share their samples
+        # an SP group's ranks hold shares of their samples' losses; TP ranks each hold the whole loss
+        if self.world.tp_rank == 0:
+            self.sums.index_add_(0, outcome.stages, outcome.per_sample.detach())
+        counted = 1.0 if self.world.sp_rank == 0 and self.world.tp_rank == 0 else 0.0
         self.counts.index_add_(0, outcome.stages, torch.full_like(outcome.per_sample, counted))
         self.grad_norm += outcome.grad_norm.detach().to(self.grad_norm.device)
         self.steps += 1
@@ -192,7 +194,7 @@ def train_step(
     null_class = cfg.model.num_classes
     labels = torch.where(labels < 0, torch.full_like(labels, null_class), labels)
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    scale = world.size / plan.settings.batch
+    scale = world.gradient_ranks / plan.settings.batch
     losses, stage_ids, layouts = [], [], set()
     tokens = padding = 0
     started = time.perf_counter()
