@@ -8,9 +8,8 @@ without either is a world of one, with no process group.
 from __future__ import annotations
 
 import datetime
-import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -36,6 +35,7 @@ class World:
     size: int
     device: torch.device
     mesh: DeviceMesh | None = None  # None for a single process
+    views: dict[str, DeviceMesh] = field(default_factory=dict)  # dp, fsdp, sp, tp: see build_mesh
     dp_replicate: int = 1
     dp_shard: int = 1
     sp: int = 1
@@ -58,15 +58,13 @@ class World:
         """Ranks whose gradients FSDP averages (tensor-parallel ranks hold different parameters)."""
         return self.size // self.tp
 
-    @functools.cached_property
+    @property
     def dp_mesh(self) -> DeviceMesh | None:
-        return self.mesh["dp"] if self.mesh is not None else None
+        return self.views.get("dp")
 
-    @functools.cached_property
+    @property
     def fsdp_mesh(self) -> DeviceMesh | None:
-        if self.mesh is None:
-            return None
-        return self.mesh["dp_replicate", "dp_shard_sp"] if self.dp_replicate > 1 else self.mesh["dp_shard_sp"]
+        return self.views.get("fsdp")
 
     @property
     def dp_rank(self) -> int:
@@ -74,27 +72,34 @@ class World:
 
     @property
     def sp_rank(self) -> int:
-        return self.mesh["sp"].get_local_rank() if self.mesh is not None else 0
+        return self.views["sp"].get_local_rank() if self.mesh is not None else 0
 
     @property
     def sp_group(self):
-        return self.mesh["sp"].get_group() if self.mesh is not None else None
+        return self.views["sp"].get_group() if self.mesh is not None else None
 
     @property
     def tp_rank(self) -> int:
-        return self.mesh["tp"].get_local_rank() if self.mesh is not None else 0
+        return self.views["tp"].get_local_rank() if self.mesh is not None else 0
 
     @property
     def tp_group(self):
-        return self.mesh["tp"].get_group() if self.mesh is not None else None
+        return self.views["tp"].get_group() if self.mesh is not None else None
 
 
-def build_mesh(device_type: str, replicate: int, shard: int, sp: int, tp: int) -> DeviceMesh:
-    """The one mesh, with the flattened views `dp` and `dp_shard_sp` registered on it."""
+def build_mesh(device_type: str, replicate: int, shard: int, sp: int, tp: int) -> tuple[DeviceMesh, dict]:
+    """The one mesh and its named views. Flattened views are kept as made (torch no longer wants them
+    sliced back out of the root); the HSDP view unflattens dp_replicate x (dp_shard x sp) from one."""
     mesh = init_device_mesh(device_type, (replicate, shard, sp, tp), mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
-    return mesh
+    parameters = mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_replicate_shard_sp")
+    parameters = parameters._unflatten(0, (replicate, shard * sp), ("dp_replicate", "dp_shard_sp"))
+    views = {
+        "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
+        "fsdp": parameters if replicate > 1 else parameters["dp_shard_sp"],
+        "sp": mesh["sp"],
+        "tp": mesh["tp"],
+    }
+    return mesh, views
 
 
 def _environment() -> tuple[int, int, int]:
@@ -147,7 +152,7 @@ def init_world(cfg: Config, device_name: str = "auto") -> World:
             timeout=datetime.timedelta(minutes=30),
             device_id=device if use_cuda else None,
         )
-    return World(rank, size, device, build_mesh(device.type, *layout), *layout)
+    return World(rank, size, device, *build_mesh(device.type, *layout), *layout)
 
 
 def shutdown(world: World, together: bool = True) -> None:
