@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (set up, make data, train, sample) and `make test` (set up, lint, test).
+# Two entry points: `make demo` (set up, make data, train, sample, score) and `make test` (set up, lint, test).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,9 +20,12 @@ $(STAMP):
 demo: setup
 	rm -rf runs/demo
 	test -f demo_data/manifest.json || $(PY) -m data_tools synth demo_data --count 2048 --per-shard 256
+	test -f demo_data/classifier.pt || $(PY) -m data_tools train-classifier demo_data/classifier.pt
 	$(PY) -m pixelflow train configs/demo.yaml
 	$(PY) -m pixelflow sample --checkpoint runs/demo --out runs/demo/samples/grid.png \
 		--classes $(DEMO_CLASSES) --per-class 2
+	$(PY) -m pixelflow eval --checkpoint runs/demo --out runs/demo/eval --images 256 --batch 64 \
+		--classifier demo_data/classifier.pt
 
 demo-t2i: setup
 	rm -rf runs/demo_t2i

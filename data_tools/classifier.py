@@ -2,7 +2,8 @@
 
 Training images come straight from the synthetic generator (fresh seeds, not the demo's shards) through
 the trainer's own decode (JPEG, 1.125 x resize, random crop and flip), so the classifier sees what a
-model trained on the demo data should draw. A held-out set from another seed measures it.
+model trained on the demo data should draw, plus pixel noise of random strength, so that a sample's grain
+does not decide its class. A held-out set from another seed measures it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def render(count: int, resolution: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.stack(images), np.asarray(labels)
 
 
+NOISE = 25.0  # grey levels: pixel noise of random strength, so unfinished edges and grain do not hide the shape
+
+
 def train_classifier(
     out: str, resolution: int = 32, steps: int = 1500, batch: int = 64, count: int = 4096, seed: int = 0
 ) -> ClassifierReport:
@@ -52,7 +56,10 @@ def train_classifier(
     pixels, targets = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
     for _ in range(steps):
         chosen = torch.from_numpy(order(count)[:batch])
-        loss = F.cross_entropy(classifier(pixels[chosen]), targets[chosen])
+        noisy = pixels[chosen].float() + torch.randn(batch, 1, 1, 1) * NOISE * torch.randn(
+            batch, 3, resolution, resolution
+        )
+        loss = F.cross_entropy(classifier(noisy.clamp(0, 255)), targets[chosen])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
