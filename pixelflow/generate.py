@@ -17,6 +17,7 @@ from pixelflow.config import Config
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.attention import set_attention_backend
 from pixelflow.model.text_encoder import pad_tokens
+from pixelflow.parallel.world import flush_denormals
 from pixelflow.train.checkpoint import read_weights
 
 
@@ -25,6 +26,7 @@ def load_for_sampling(
 ) -> tuple[PixelFlowTransformer, Config]:
     """(model in eval mode, its Config) from a run directory, a step folder, an export or an older
     single-file checkpoint."""
+    flush_denormals()
     state, cfg = read_weights(Path(checkpoint), weights)
     model = PixelFlowTransformer(cfg.model)
     model.load_state_dict(state)

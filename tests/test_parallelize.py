@@ -73,3 +73,10 @@ def test_compiled_blocks_match_eager():
     assert torch.allclose(loss, loss_compiled, rtol=1e-5)
     for name, grad in grads.items():
         assert torch.allclose(grad, grads_compiled[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_the_world_flushes_subnormal_floats_on_the_cpu():
+    from pixelflow.parallel.world import init_world
+
+    init_world(load_config(REPO / "configs" / "demo.yaml", ["data.path=unused"]), "cpu")
+    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0  # subnormal: computed as zero, not slowly

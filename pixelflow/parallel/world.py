@@ -134,11 +134,18 @@ def resolve_device(name: str, index: int = 0) -> torch.device:
     return torch.device("cuda", index) if name == "cuda" else torch.device(name)
 
 
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero on the CPU: zero-initialised layers' tiny gradients and Adam moments
+    are subnormal early on, and x86 computes with them up to 35x slower (measured on a one-stage cascade)."""
+    torch.set_flush_denormal(True)
+
+
 def init_world(cfg: Config, device_name: str = "auto") -> World:
     """Join the process group (when launched as several processes) and build the device mesh."""
     rank, size, local_rank = _environment()
     device = resolve_device(device_name, local_rank)
     use_cuda = device.type == "cuda"
+    flush_denormals()
     if use_cuda:
         torch.cuda.set_device(device)
     layout = layout_for(cfg, size)
