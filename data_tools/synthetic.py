@@ -16,6 +16,11 @@ from pixelflow.data.storage import filesystem
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
 NUM_CLASSES = len(SHAPES) * len(COLOURS)
+# shape radius and largest offset of its centre, as shares of the image side: large, nearly centred shapes,
+# so that a model trained for minutes on a CPU draws them recognisably (smaller ones came out as blobs:
+# 43% class accuracy at radius 0.22-0.32 against 88% here, same training)
+RADIUS = (0.38, 0.46)
+JITTER = 0.03
 
 
 def class_name(label: int) -> str:
@@ -29,8 +34,8 @@ def draw_sample(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     tone = int(rng.integers(60, 200))
     background = tuple(int(np.clip(tone + rng.integers(-20, 21), 0, 255)) for _ in range(3))
     image = Image.new("RGB", (size, size), background)
-    radius = size * rng.uniform(0.22, 0.32)
-    cx, cy = (size / 2 + rng.uniform(-0.08, 0.08) * size for _ in range(2))
+    radius = size * rng.uniform(*RADIUS)
+    cx, cy = (size / 2 + rng.uniform(-JITTER, JITTER) * size for _ in range(2))
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     draw = ImageDraw.Draw(image)
     if shape == "circle":

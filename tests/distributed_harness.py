@@ -38,6 +38,8 @@ TINY = [
     "train.global_batch=8",
     "train.lr=1e-3",
     "train.warmup_steps=0",
+    "train.lr_schedule=constant",
+    "data.expand_ratio=1.125",
     "train.steps=5",
 ]
 
