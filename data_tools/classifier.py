@@ -56,9 +56,8 @@ def train_classifier(
     pixels, targets = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
     for _ in range(steps):
         chosen = torch.from_numpy(order(count)[:batch])
-        noisy = pixels[chosen].float() + torch.randn(batch, 1, 1, 1) * NOISE * torch.randn(
-            batch, 3, resolution, resolution
-        )
+        clean = pixels[chosen].float()  # fewer than batch when count is smaller
+        noisy = clean + torch.randn(len(clean), 1, 1, 1) * NOISE * torch.randn_like(clean)
         loss = F.cross_entropy(classifier(noisy.clamp(0, 255)), targets[chosen])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
