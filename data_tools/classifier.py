@@ -8,14 +8,13 @@ does not decide its class. A held-out set from another seed measures it.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_tools.synthetic import NUM_CLASSES, draw_sample
+from data_tools.synthetic import NUM_CLASSES, encoded_sample
 from pixelflow.data.decode import decode_crop
 from pixelflow.quality.classifier import ShapeClassifier, class_accuracy, save_classifier
 
@@ -34,9 +33,9 @@ def render(count: int, resolution: int, seed: int) -> tuple[np.ndarray, np.ndarr
     images, labels = [], []
     for index in range(count):
         label = index % NUM_CLASSES
-        encoded = io.BytesIO()
-        draw_sample(label, 80, rng).save(encoded, format="JPEG", quality=95)
-        images.append(decode_crop(encoded.getvalue(), resolution, rng, expand_ratio=1.125).transpose(1, 2, 0))
+        images.append(
+            decode_crop(encoded_sample(label, 80, rng), resolution, rng, expand_ratio=1.125).transpose(1, 2, 0)
+        )
         labels.append(label)
     return np.stack(images), np.asarray(labels)
 

@@ -49,6 +49,13 @@ def draw_sample(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     return image
 
 
+def encoded_sample(label: int, size: int, rng: np.random.Generator) -> bytes:
+    """One sample as the shards store it (JPEG, quality 95)."""
+    encoded = io.BytesIO()
+    draw_sample(label, size, rng).save(encoded, format="JPEG", quality=95)
+    return encoded.getvalue()
+
+
 def write_synthetic_dataset(
     output: str, count: int, per_shard: int, size: int = 80, seed: int = 0, storage_options: dict | None = None
 ) -> Manifest:
@@ -61,10 +68,8 @@ def write_synthetic_dataset(
         writer = ShardWriter(fs, root, shard_name(len(shards)))
         for index in range(first, min(first + per_shard, count)):
             label = index % NUM_CLASSES
-            encoded = io.BytesIO()
-            draw_sample(label, size, rng).save(encoded, format="JPEG", quality=95)
             meta = {"label": label, "width": size, "height": size, "source": "synthetic"}
-            writer.add(f"sample-{index:07d}", encoded.getvalue(), "jpg", f"a {class_name(label)}", meta)
+            writer.add(f"sample-{index:07d}", encoded_sample(label, size, rng), "jpg", f"a {class_name(label)}", meta)
         shards.append(writer.close())
     manifest = Manifest(shards=shards, num_classes=NUM_CLASSES)
     write_json_atomically(fs, f"{root}/manifest.json", manifest.to_json())

@@ -65,10 +65,10 @@ def draw_images(
     labels = spec.labels()
     batches = spec.batches(part)
     todo = [indices for indices in batches if not all((folder / f"{i:06d}.png").exists() for i in indices)]
-    share = sum(map(len, batches))
+    share, missing = sum(map(len, batches)), sum(map(len, todo))
     with (
         open(out / f"written_rank_{part[0]}.jsonl", "a") as log,
-        Progress(share, "eval", "img", initial=share - sum(map(len, todo))) as bar,
+        Progress(share, "eval", "img", initial=share - missing) as bar,
     ):
         for indices in todo:
             text = None
@@ -94,7 +94,7 @@ def draw_images(
                 log.write(json.dumps({"index": i, "rank": part[0]}) + "\n")
             log.flush()
             bar.update(len(indices))
-    return sum(map(len, todo))
+    return missing
 
 
 def write_npz(out: Path, spec: EvalSpec) -> Path:
