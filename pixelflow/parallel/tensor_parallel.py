@@ -247,8 +247,8 @@ class WholeTensors:
             mine = template.get(key) if isinstance(template, dict) else None
             if isinstance(value, dict):
                 out[key] = self._convert(value, mine, convert, here)
-            elif isinstance(value, torch.Tensor) and value.dim() > 0 and self._split_name(here):
-                out[key] = convert(self._split_name(here), value, mine)
+            elif isinstance(value, torch.Tensor) and value.dim() > 0 and (name := self._split_name(here)):
+                out[key] = convert(name, value, mine)
             else:
                 out[key] = value
         return out
