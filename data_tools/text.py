@@ -108,7 +108,7 @@ def encode_text(
 def encode_shard(model, fs, base: str, out_fs, out_base: str, shard, batch: int) -> bool:
     """Encode one shard's captions; False when they were already encoded from the same shard."""
     name = shard.name.removesuffix(".tar")
-    source = json.dumps([shard.name, shard.count, shard.bytes])  # the shard's fingerprint
+    source = json.dumps([shard.name, shard.count, shard.bytes, model.identity()])  # the shard's and the encoder's
     done = text_store.read_index(out_fs, out_base, name)
     if done is not None and done.get("source") == source:
         return False

@@ -94,9 +94,15 @@ def _encode_text(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from launch.arrays import absolute, submit_array
-    from pixelflow.cli import run_eval
+    from pixelflow.cli import check_eval_arguments, run_eval
+    from pixelflow.evaluate import Scoring, clear_drawn
 
     tasks = check_tasks(args)
+    check_eval_arguments(args)
+    Scoring.prepare(args.classifier, args.reference, args.inception_weights, "cpu")  # before any task draws
+    if args.redraw:  # once, here: the tasks then record the new options
+        clear_drawn(Path(args.out))
+        args.redraw = False
     for name in ("checkpoint", "out", "prompt_file", "text_encoder", "classifier", "reference", "inception_weights"):
         if getattr(args, name):
             setattr(args, name, absolute(getattr(args, name)))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import submitit
 
-from launch.run_dir import read_records
 from pixelflow.config import from_yaml
+from pixelflow.records import read_records
 from pixelflow.train.signals import signal_numbers
 
 log = logging.getLogger(__name__)

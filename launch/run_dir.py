@@ -8,6 +8,9 @@ from importlib import metadata
 from pathlib import Path
 
 from pixelflow.config import Config, to_yaml
+from pixelflow.records import read_records
+from pixelflow.train.preflight import preflight
+from pixelflow.train.run_directory import requested_origin
 
 SOURCE = Path(__file__).resolve().parent.parent
 
@@ -27,18 +30,17 @@ def code_version() -> dict:
 
 
 def prepare(cfg: Config) -> Path:
-    """Make run_dir absolute (jobs start elsewhere), write the config snapshot and the code version."""
+    """Make run_dir and a resume path absolute (jobs start elsewhere), run the trainer's own checks (so a
+    refused start writes nothing), then write the config snapshot and the code version."""
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     cfg.run_dir = str(run_dir)
+    if cfg.resume not in ("auto", "none"):
+        cfg.resume = requested_origin(cfg.resume)
+    preflight(cfg, checksums=False)  # sizes, not checksums: the job verifies those; a login node need not
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     (run_dir / "code_version.json").write_text(json.dumps(code_version(), indent=1) + "\n")
     return run_dir
-
-
-def read_records(path: Path) -> list[dict]:
-    """The records of a JSON-lines file (metrics, jobs, requeues); none when it does not exist yet."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def last_metrics(run_dir: Path) -> dict | None:

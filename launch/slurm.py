@@ -15,8 +15,9 @@ from pathlib import Path
 import submitit
 
 from launch.job import TrainJob
-from launch.run_dir import code_version, last_metrics, prepare, read_records
+from launch.run_dir import code_version, last_metrics, prepare
 from pixelflow.config import URL_CREDENTIALS, Config, SlurmConfig, to_yaml
+from pixelflow.records import read_records
 from pixelflow.train.checkpoint import committed_checkpoints
 
 JOBS = "jobs.jsonl"

@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from pixelflow.compat import ConversionError
-from pixelflow.config import ConfigError, load_config, redact
+from pixelflow.config import ConfigError, guidance_problem, load_config, redact, steps_problem
 from pixelflow.data.shard_format import ShardFormatError
 from pixelflow.data.storage import StorageError
+from pixelflow.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, NonFiniteError, RunFailure
+from pixelflow.paths import writable
 from pixelflow.train.checkpoint import CheckpointError
-from pixelflow.train.signals import EXIT_FAILED, EXIT_USER_ERROR
-from pixelflow.train.trainer import NonFiniteError
 
 USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, ConversionError, StorageError, NonFiniteError)
 REPORT = "this is a bug in pixelflow: please report it with the traceback above"
@@ -38,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> None:
     from pixelflow.train.checkpoint import export
 
-    print(f"wrote {export(Path(args.source), Path(args.destination), args.weights)}")
+    print(f"wrote {export(Path(args.source), Path(args.destination), args.weights, args.force)}")
 
 
 def _convert_checkpoint(args: argparse.Namespace) -> None:
@@ -47,29 +47,49 @@ def _convert_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote {convert_legacy(args.file)}")
 
 
+def check_sampling_options(args: argparse.Namespace) -> None:
+    """--steps and --cfg, by the checks the config's sample.* values pass too."""
+    steps = steps_problem(args.steps) if args.steps is not None else None
+    scale = guidance_problem(args.cfg) if args.cfg is not None else None
+    if steps:
+        raise ConfigError(f"--steps {args.steps}: {steps}")
+    if scale:
+        raise ConfigError(f"--cfg {args.cfg}: {scale}")
+
+
 def check_sample_arguments(args: argparse.Namespace) -> None:
     """Every sample option checked before any work (a bad --out used to surface after sampling)."""
+    check_sampling_options(args)
     problems = [
-        (args.steps is not None and args.steps < 1, f"--steps {args.steps}: must be at least 1"),
         (args.per_class < 1, f"--per-class {args.per_class}: must be at least 1"),
         (args.num < 1, f"--num {args.num}: must be at least 1"),
-        (
-            args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0),
-            f"--cfg {args.cfg}: must be a finite number >= 0",
-        ),
         (
             Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"),
             f"--out {args.out}: must end in .png, .jpg or .jpeg",
         ),
         (Path(args.out).is_dir(), f"--out {args.out}: is a directory"),
+        (not writable(Path(args.out)), f"--out {args.out}: cannot be written there"),
     ]
-    parent = next((p for p in Path(args.out).absolute().parents if p.exists()), None)
-    problems.append(
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """Every eval option checked before any file is made or image drawn."""
+    check_sampling_options(args)
+    out = Path(args.out)
+    problems = [
+        (args.images < 1, f"--images {args.images}: must be at least 1"),
+        (args.batch < 1, f"--batch {args.batch}: must be at least 1"),
         (
-            parent is None or not parent.is_dir() or not os.access(parent, os.W_OK),
-            f"--out {args.out}: cannot be written there",
-        )
-    )
+            bool(args.reference) != bool(args.inception_weights),
+            "--reference and --inception-weights: FID needs both (or neither)",
+        ),
+        (bool(args.reference) and args.images < 2, f"--images {args.images}: FID needs at least 2 images"),
+        (out.exists() and not out.is_dir(), f"--out {out}: a file, not a folder"),
+        (not writable(out), f"--out {out}: cannot be written there"),
+    ]
     for bad, message in problems:
         if bad:
             raise ConfigError(message)
@@ -121,8 +141,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     texts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"--prompt-file {path}: not found")
+        if not path.is_file():
+            raise ConfigError(f"--prompt-file {path}: not a regular file (a file of prompts, one per line)")
         texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not texts:
         raise ConfigError("--prompt: a text-to-image model needs --prompt TEXT (or --prompt-file FILE)")
@@ -160,19 +182,19 @@ class EvalReport:
 
 def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None) -> EvalReport:
     """`pixelflow eval` as parsed: with part (i, n), draw only that part (one task of a SLURM array); otherwise
-    every rank draws its part, then rank 0 writes the npz and the scores."""
+    every rank draws its part, then rank 0 writes the npz and the scores. Everything that can refuse the eval
+    is checked before the first image is drawn."""
     import torch
     import torch.distributed as dist
 
-    from pixelflow.evaluate import EvalSpec, draw_images, score_samples, write_npz
+    from pixelflow.evaluate import EvalSpec, Scoring, claim_folder, draw_images, provenance, write_npz
     from pixelflow.generate import load_for_sampling
     from pixelflow.parallel.world import resolve_device
+    from pixelflow.train.checkpoint import resolve_source, source_identity
 
-    if args.images < 1 or args.batch < 1:
-        raise ConfigError(f"--images {args.images} / --batch {args.batch}: must be at least 1")
-    if bool(args.reference) != bool(args.inception_weights):
-        raise ConfigError("--reference and --inception-weights: FID needs both (or neither)")
+    check_eval_arguments(args)
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    scoring = Scoring.prepare(args.classifier, args.reference, args.inception_weights, device) if part is None else None
     if part is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
@@ -186,6 +208,14 @@ def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None) -> E
             spec.classes = checked_classes(args.classes, cfg, cfg.model.num_classes)
         out = Path(args.out)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        identity = source_identity(resolve_source(Path(args.checkpoint)))
+        record = provenance(spec, cfg, identity, encoder.identity() if encoder is not None else None)
+        if rank == 0:
+            claim_folder(out, record, args.redraw and part is None)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank != 0:
+            claim_folder(out, record)
         drawn = draw_images(model, cfg, spec, out, part or (rank, world), device, encoder)
         if part is not None:
             return EvalReport(drawn, None, {})
@@ -195,9 +225,9 @@ def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None) -> E
             return EvalReport(drawn, None, {})
         path = write_npz(out, spec)
         print(f"wrote {path}")
-        scores = score_samples(path, args.classifier, args.reference, args.inception_weights, device)
+        scores = scoring.score(path)
         if scores:
-            (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+            (out / "scores.json").write_text(json.dumps(scores, indent=1, allow_nan=False) + "\n")
             print(json.dumps(scores))
         return EvalReport(drawn, str(path), scores)
     finally:
@@ -226,20 +256,25 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--classifier", help="report class accuracy with this file (pixelflow-data train-classifier)")
     evaluate.add_argument("--reference", help="reference batch .npz: images (arr_0) or statistics (mu, sigma)")
     evaluate.add_argument("--inception-weights", help="local pytorch-fid Inception weights (pt_inception-*.pth)")
+    evaluate.add_argument(
+        "--redraw", action="store_true", help="empty --out first when its images were drawn with other options"
+    )
 
 
 def _report(args: argparse.Namespace) -> None:
     from pixelflow.report import write_report
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"
-    for path in write_report([Path(d) for d in args.run_dirs], out):
+    labels, written = write_report([Path(d) for d in args.run_dirs], out)
+    print(f"runs: {', '.join(labels)}")
+    for path in written:
         print(f"wrote {path}")
 
 
 def _convert(args: argparse.Namespace) -> None:
     from pixelflow.compat import convert_official
 
-    print(f"wrote {convert_official(args.source, args.destination)}")
+    print(f"wrote {convert_official(args.source, args.destination, args.force)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("source", help="directory with model.pt and config.yaml, or the model.pt file")
     convert.add_argument("destination", help="directory to write (an export: --checkpoint or resume=DESTINATION)")
+    convert.add_argument("--force", action="store_true", help="replace an export already in DESTINATION")
     convert.set_defaults(func=_convert)
 
     export = commands.add_parser(
@@ -323,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="run directory, step_NNNNNNNN folder or older .pt file")
     export.add_argument("destination", help="directory to write")
     export.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default ema)")
+    export.add_argument("--force", action="store_true", help="replace an export already in DESTINATION")
     export.set_defaults(func=_export)
 
     legacy = commands.add_parser(
@@ -337,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, user_errors: tuple[type, ...]) -> int:
-    """Run the chosen subcommand; a user error is one line on stderr and exit status 2."""
+    """Run the chosen subcommand, which returns its exit status or None (0). A user error is one line on stderr
+    and exit status 2; a RunFailure (disk full, a peer rank lost) one line and 1; a reader that closed the
+    pipe (`... | head`) ends the command quietly, as the shell's own tools do."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow options (argparse stops collecting them at the first)
@@ -345,10 +384,18 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, user_er
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.func(args) or 0
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return status if isinstance(status, int) else 0
     except user_errors as exc:  # bad config, data, checkpoint or CLI value: one line, no traceback
         print(f"{parser.prog}: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunFailure as exc:
+        print(f"{parser.prog}: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more can reach the reader
+        return EXIT_SIGNAL_BASE + signal.SIGPIPE
     except Exception:
         traceback.print_exc()
         print(f"{parser.prog}: internal error: {REPORT}", file=sys.stderr)

@@ -125,7 +125,7 @@ def convert_state_dict(reference: dict[str, torch.Tensor], cfg: Config, source: 
     return {k: v.float().contiguous() for k, v in converted.items()}
 
 
-def convert_official(source: str | Path, destination: str | Path) -> Path:
+def convert_official(source: str | Path, destination: str | Path, force: bool = False) -> Path:
     """Convert a reference checkpoint directory (model.pt + config.yaml) or model.pt file into an export
     (model.safetensors + config.yaml) in destination. Nothing is written unless everything converts."""
     source = Path(source)
@@ -145,7 +145,7 @@ def convert_official(source: str | Path, destination: str | Path) -> Path:
     destination = Path(destination)
     cfg.run_dir = str(destination)
     model_state = convert_state_dict(state, cfg, str(weights))
-    return write_export(destination, model_state, cfg, str(weights))
+    return write_export(destination, model_state, cfg, str(weights), force)
 
 
 @dataclass

@@ -80,8 +80,11 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
-    # signals that stop the run after the current step with a committed checkpoint (exit status 75)
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2"])
+    # signals that stop the run after the current step with a committed checkpoint (exit status 75): a
+    # scheduler's (SIGTERM, SIGUSR2 before a time limit) and Ctrl-C's
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR2", "SIGINT"])
+    # longest wait in a collective for another rank (a hung or stopped rank ends the job after this long)
+    collective_timeout_s: float = 600.0
     log_sample_keys: bool = False  # write the keys each data rank trained on per step (sample_keys/)
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (one line, nothing saved) | skip_step
     peak_tflops: float = 0.0  # per device, for the logged MFU (e.g. 790 on an H200 in bf16); 0 = no MFU
@@ -252,6 +255,15 @@ def nonfinite_number(node, prefix: str = "") -> tuple[str, object] | None:
     return None
 
 
+# One set of sampling-option checks for the config (sample.*), `pixelflow sample` and `pixelflow eval`.
+def steps_problem(steps: int) -> str | None:
+    return None if steps >= 1 else "must be at least 1"
+
+
+def guidance_problem(scale: float) -> str | None:
+    return None if math.isfinite(scale) and scale >= 0 else "must be a finite number >= 0"
+
+
 def micro_tokens(cfg: Config) -> int:
     """Tokens one rank may hold in a micro-batch (train.micro_tokens, else micro_batch full-resolution
     samples' worth); 0 = no limit."""
@@ -268,6 +280,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
     m, c, d, t = cfg.model, cfg.cascade, cfg.data, cfg.train
     granule = m.patch_size * 2 ** (c.stages - 1)
     top_tokens = (d.resolution // max(m.patch_size, 1)) ** 2
+    sample_steps, guidance = steps_problem(cfg.sample.steps_per_stage), guidance_problem(cfg.sample.cfg)
     checks: list[tuple[bool, str, str]] = [
         (c.stages >= 1, "cascade.stages", f"= {c.stages} must be at least 1"),
         (m.patch_size >= 1, "model.patch_size", f"= {m.patch_size} must be at least 1"),
@@ -319,6 +332,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (t.global_batch >= 1, "train.global_batch", f"= {t.global_batch} must be at least 1"),
         (t.micro_batch >= 0, "train.micro_batch", f"= {t.micro_batch} must not be negative"),
         (t.peak_tflops >= 0, "train.peak_tflops", f"= {t.peak_tflops} must not be negative"),
+        (t.collective_timeout_s > 0, "train.collective_timeout_s", f"= {t.collective_timeout_s} must be positive"),
         (t.micro_tokens >= 0, "train.micro_tokens", f"= {t.micro_tokens} must not be negative"),
         (
             not micro_tokens(cfg) or micro_tokens(cfg) * cfg.parallel.sp >= top_tokens,
@@ -397,8 +411,8 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             "train.stop_signals",
             f"= {list(t.stop_signals)} must name catchable signals, e.g. [SIGTERM, SIGUSR2]",
         ),
-        (cfg.sample.steps_per_stage >= 1, "sample.steps_per_stage", "must be at least 1"),
-        (cfg.sample.cfg >= 0, "sample.cfg", f"= {cfg.sample.cfg} must not be negative"),
+        (not sample_steps, "sample.steps_per_stage", f"= {cfg.sample.steps_per_stage} {sample_steps}"),
+        (not guidance, "sample.cfg", f"= {cfg.sample.cfg} {guidance}"),
         (
             cfg.sample.cfg_ramp is None or len(cfg.sample.cfg_ramp) == c.stages,
             "sample.cfg_ramp",

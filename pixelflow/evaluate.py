@@ -7,12 +7,19 @@ Every image is written as `images/NNNNNN.png` through a temporary name, so a PNG
 rerun skips batches whose PNGs all exist. Then `samples_N.npz` (`arr_0`: N x H x W x 3 uint8, `labels`),
 the layout of the ADM evaluation suite, and the scores asked for (pixelflow/quality).
 `written_rank_R.jsonl` records which part drew which index.
+
+`eval.json` records what drew the folder's images: the checkpoint (its path and the checksum of its
+contents), every sampling option and the text encoder. A rerun with anything else is refused in one line
+(its images would be labelled with the new options), or with `redraw` starts the folder afresh. Scoring
+inputs (classifier, reference, Inception weights) are checked before the first image is drawn.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +53,115 @@ class EvalSpec:
         index, parts = part
         starts = range(index * self.batch, self.count, parts * self.batch)
         return [list(range(first, min(first + self.batch, self.count))) for first in starts]
+
+
+PROVENANCE = "eval.json"
+DRAWN = ("images", PROVENANCE, "written_rank_*.jsonl", "samples_*.npz", "scores.json")
+
+
+def provenance(spec: EvalSpec, cfg: Config, checkpoint: dict, encoder: dict | None) -> dict:
+    """Everything the folder's images depend on."""
+    return {
+        "checkpoint": checkpoint,
+        "text_encoder": encoder,
+        "count": spec.count,
+        "classes": spec.classes,
+        "prompts": spec.prompts,
+        "batch": spec.batch,
+        "seed": spec.seed,
+        "steps_per_stage": spec.steps if spec.steps is not None else cfg.sample.steps_per_stage,
+        "guidance_scale": spec.cfg_scale if spec.cfg_scale is not None else cfg.sample.cfg,
+        "cfg_ramp": cfg.sample.cfg_ramp,
+        "shift": cfg.sample.shift,
+        "solver": cfg.sample.solver,
+        "resolution": cfg.data.resolution,
+        "stages": cfg.cascade.stages,
+    }
+
+
+def claim_folder(out: Path, record: dict, redraw: bool = False) -> None:
+    """Make sure the folder's images are (or will be) drawn as `record` says: a new folder records it, one
+    drawn otherwise is refused in one line naming what differs, or emptied first with redraw."""
+    path = out / PROVENANCE
+    if path.is_file() and not redraw:
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = {}
+        differing = sorted(key for key in set(saved) | set(record) if saved.get(key) != record.get(key))
+        if differing:
+            raise ConfigError(
+                f"--out {out}: its images were drawn with another {', '.join(differing)} (see {PROVENANCE}); "
+                f"use another --out, or --redraw to draw them again"
+            )
+        return
+    if redraw:
+        clear_drawn(out)
+    elif (out / "images").is_dir() and any((out / "images").iterdir()):
+        raise ConfigError(
+            f"--out {out}: holds images of unknown origin (no {PROVENANCE}); use another --out, or --redraw"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / f".{PROVENANCE}.tmp.{os.getpid()}"
+    temporary.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def clear_drawn(out: Path) -> None:
+    """Remove what an eval drew into `out` (images, records, npz, scores); nothing else."""
+    for pattern in DRAWN:
+        for found in out.glob(pattern):
+            if found.is_dir():
+                shutil.rmtree(found)
+            else:
+                found.unlink()
+
+
+@dataclass
+class Scoring:
+    """What the scores asked for need, loaded and checked before any image is drawn."""
+
+    classifier: object | None = None
+    inception: object | None = None
+    reference: dict | None = None
+
+    @staticmethod
+    def prepare(
+        classifier: str | None, reference: str | None, inception_weights: str | None, device: torch.device | str
+    ) -> Scoring:
+        scoring = Scoring()
+        if classifier:
+            from pixelflow.quality.classifier import load_classifier
+
+            scoring.classifier = load_classifier(classifier)
+        if reference:
+            from pixelflow.quality.inception import load_inception
+            from pixelflow.quality.scores import read_reference
+
+            scoring.reference = read_reference(reference)
+            scoring.inception = load_inception(inception_weights, device)
+        return scoring
+
+    def score(self, npz: Path) -> dict:
+        """The scores of the samples in `npz`: class accuracy with a classifier; FID, sFID, Inception Score,
+        precision and recall against the reference."""
+        scores: dict = {}
+        with np.load(npz) as saved:
+            images, labels = saved["arr_0"], saved["labels"] if "labels" in saved else None
+        if self.classifier is not None:
+            from pixelflow.quality.classifier import class_accuracy
+
+            if labels is None:
+                raise ConfigError("--classifier: the samples have no class labels (a text-to-image model?)")
+            scores["class_accuracy"] = class_accuracy(self.classifier, images, labels)
+        if self.reference is not None:
+            from pixelflow.quality.scores import scores_against
+
+            scores.update(scores_against(images, self.reference, self.inception))
+        bad = [key for key, value in scores.items() if not math.isfinite(value)]
+        if bad:
+            raise ConfigError(f"{npz}: {', '.join(bad)} came out as {scores[bad[0]]}, not a number")
+        return scores
 
 
 def draw_images(
@@ -108,28 +224,3 @@ def write_npz(out: Path, spec: EvalSpec) -> Path:
     path = out / f"samples_{spec.count}.npz"
     np.savez(path, arr_0=arrays, **({"labels": np.asarray(labels, dtype=np.int64)} if labels else {}))
     return path
-
-
-def score_samples(
-    npz: Path,
-    classifier: str | None = None,
-    reference: str | None = None,
-    inception_weights: str | None = None,
-    device: torch.device | str = "cpu",
-) -> dict:
-    """The scores asked for of the samples in `npz`: class accuracy with a classifier file; FID, sFID,
-    Inception Score, precision and recall against a reference batch with local Inception weights."""
-    scores: dict = {}
-    with np.load(npz) as saved:
-        images, labels = saved["arr_0"], saved["labels"] if "labels" in saved else None
-    if classifier:
-        from pixelflow.quality.classifier import class_accuracy, load_classifier
-
-        if labels is None:
-            raise ConfigError("--classifier: the samples have no class labels (a text-to-image model?)")
-        scores["class_accuracy"] = class_accuracy(load_classifier(classifier), images, labels)
-    if reference:
-        from pixelflow.quality.scores import inception_scores
-
-        scores.update(inception_scores(images, reference, inception_weights, device))
-    return scores

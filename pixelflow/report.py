@@ -1,15 +1,16 @@
 """`pixelflow report RUN_DIR [RUN_DIR ...]`: PNG plots of metrics.jsonl for people without wandb.
 
 One figure per quantity (loss per stage, throughput, MFU, data wait, balance, grad norm), every run given
-overlaid in its own colour and labelled by its directory name. Quantities no run logged are skipped.
+overlaid in its own colour and labelled by the shortest end of its path that tells it from the others
+(`a/run` and `b/run`). Quantities no run logged are skipped; a torn last line (a write cut short) is dropped.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pixelflow.config import ConfigError
+from pixelflow.records import read_records
 
 PLOTS = {  # file name -> (title, keys: one line per key and run)
     "loss.png": ("loss", ["loss"]),
@@ -26,23 +27,33 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run directory, or no step logged yet)")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ConfigError(f"{path}:{number}: not a JSON line") from None
-    return records
+    return read_records(path)
 
 
-def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
-    """Write the plots into `out`; returns the files written."""
+def distinct_labels(paths: list[Path]) -> list[str]:
+    """For each path the fewest trailing components that no other path given ends in."""
+    parts = [Path(path).resolve().parts for path in paths]
+    labels = []
+    for mine in parts:
+        for length in range(1, len(mine) + 1):
+            tail = mine[-length:]
+            if all(other == mine or other[-length:] != tail for other in parts):
+                break
+        labels.append(str(Path(*tail)))
+    return labels
+
+
+def write_report(run_dirs: list[Path], out: Path) -> tuple[list[str], list[Path]]:
+    """Write the plots into `out`; returns (the runs' labels, the files written). One error line when no run
+    logged a loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    runs = {run_dir.name or str(run_dir): read_metrics(run_dir) for run_dir in run_dirs}
+    runs = dict(zip(distinct_labels(run_dirs), (read_metrics(run_dir) for run_dir in run_dirs)))
+    if not any("loss" in record for records in runs.values() for record in records):
+        raise ConfigError(f"{', '.join(map(str, run_dirs))}: no logged losses in metrics.jsonl: nothing to plot")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, (title, keys) in PLOTS.items():
@@ -67,4 +78,4 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
         figure.savefig(out / name, dpi=100)
         pyplot.close(figure)
         written.append(out / name)
-    return written
+    return list(runs), written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -21,6 +23,34 @@ from tests.s3 import CREDENTIALS, MotoServer, free_port  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def same_start():
+    """Every test starts from the same global state whatever ran before it: seeded RNGs and torch's default
+    handling of subnormal floats (the trainer and the sampler switch it for their process)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    torch.set_flush_denormal(False)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """PIXELFLOW_TEST_SHUFFLE=SEED runs the modules, and the tests inside each, in a seeded random order: a
+    test that passes only after (or before) another shows up."""
+    seed = os.environ.get("PIXELFLOW_TEST_SHUFFLE")
+    if not seed:
+        return
+    rng = random.Random(int(seed))
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.module.__name__, []).append(item)
+    order = list(modules.values())
+    rng.shuffle(order)
+    for tests in order:
+        rng.shuffle(tests)
+    items[:] = [item for tests in order for item in tests]
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +119,19 @@ def tiny_overrides(run_dir: Path, data: Path, *overrides: str) -> list[str]:
 
 def tiny_config(run_dir: Path, data: Path, *overrides: str) -> Config:
     return load_config(REPO / "configs" / "demo.yaml", tiny_overrides(run_dir, data, *overrides))
+
+
+def cli(module: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS...` (pixelflow, data_tools, launch) from the repository root, its output captured
+    and its exit status left to the test."""
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def error_lines(stderr: str, prog: str = "pixelflow") -> list[str]:
+    """The lines a command printed as its error (`PROG: error: ...`, `PROG: internal error: ...`)."""
+    return [line for line in stderr.splitlines() if line.startswith(f"{prog}: ") and "error" in line]
 
 
 def run_ranks(command: list[str], procs: int, env: dict | None = None) -> subprocess.CompletedProcess:

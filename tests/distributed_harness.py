@@ -129,7 +129,7 @@ def attention(out: Path, sp: int) -> None:
 
 
 def reload(out: Path, config: str, checkpoint: str, overrides: list[str]) -> None:
-    from pixelflow.train.checkpoint import Checkpointer
+    from pixelflow.train.checkpoint import Checkpointer, resolve_source
     from pixelflow.train.trainer import TrainProgress
 
     cfg = load_config(config, overrides)
@@ -137,7 +137,7 @@ def reload(out: Path, config: str, checkpoint: str, overrides: list[str]) -> Non
     engine = build_engine(cfg, world)
     parts = {**engine.checkpoint_parts(), "train": TrainProgress(world)}
     checkpointer = Checkpointer(out, cfg.checkpoint, world, cfg)
-    checkpointer.load(checkpointer.find_resume(checkpoint), parts)
+    checkpointer.load(resolve_source(Path(checkpoint)), parts)
     checkpointer.save(parts["train"].step, parts, blocking=True)
     checkpointer.close()
     shutdown(world)

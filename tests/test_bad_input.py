@@ -18,8 +18,9 @@ from data_tools.synthetic import write_synthetic_dataset
 from pixelflow.cli import main, run_command
 from pixelflow.config import ConfigError, load_config
 from pixelflow.data.shard_format import ShardFormatError
+from pixelflow.errors import NonFiniteError
 from pixelflow.train.checkpoint import committed_checkpoints, read_weights
-from pixelflow.train.trainer import NonFiniteError, train
+from pixelflow.train.trainer import train
 from tests.conftest import REPO, tiny_config, tiny_overrides
 from tests.s3 import free_port
 

@@ -16,7 +16,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from pixelflow.config import to_yaml
 from pixelflow.generate import generate, load_for_sampling
 from pixelflow.parallel.world import World
-from pixelflow.train.checkpoint import Checkpointer, CheckpointError, committed_checkpoints, read_weights
+from pixelflow.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    committed_checkpoints,
+    read_weights,
+    resolve_source,
+)
 from pixelflow.train.engine import FsdpEngine
 from pixelflow.train.trainer import TrainProgress, train
 from tests.conftest import REPO, tiny_config, tiny_overrides
@@ -160,7 +166,7 @@ def write_legacy_checkpoint(run_dir, shapes_dataset, step: int) -> None:
     parts = {**engine.checkpoint_parts(), "train": progress}
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, world, cfg)
     folder = run_dir / "checkpoints" / f"step_{step:08d}"
-    checkpointer.load(checkpointer.find_resume(str(folder)), parts)
+    checkpointer.load(resolve_source(folder), parts)
     options = StateDictOptions(full_state_dict=True)
     legacy = {
         "model": engine.model.state_dict(),

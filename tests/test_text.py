@@ -262,3 +262,32 @@ def test_prompt_sampling_from_a_trained_run_and_a_converted_official_checkpoint(
         cwd=REPO,
     )
     assert done.returncode == 2 and "needs --prompt" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["online", "precomputed"])
+def test_text_units_of_one_sample_exchange_and_train_like_one_process(tmp_path, shapes_dataset, text_encoder_dir, mode):
+    """global_batch=3 on 2 data ranks plans a unit of one sample: its exchanged row (image, label, caption or
+    embedding) has a width that is no multiple of 8, which the label's int64 view used to refuse."""
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(shapes_dataset, data)
+    if mode == "precomputed":
+        encode_text(str(data), text_encoder_dir, progress=False)
+    trajectories = []
+    for procs in (1, 2):
+        run_dir = tmp_path / f"ranks-{procs}"
+        overrides = tiny_overrides(
+            run_dir,
+            data,
+            f"text.encoder={text_encoder_dir}",
+            f"text.mode={mode}",
+            f"model.text_dim={TEXT_DIM}",
+            "train.steps=3",
+            "train.global_batch=3",
+            f"parallel.dp_shard={procs}",
+        )
+        run_ranks(["-m", "pixelflow", "train", "configs/demo_t2i.yaml", *overrides], procs)
+        trajectories.append(losses(run_dir))
+    assert len(trajectories[0]) == 3 and np.allclose(trajectories[1], trajectories[0], rtol=1e-5, atol=0)

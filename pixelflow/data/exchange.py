@@ -59,7 +59,8 @@ def exchange(
     received = received[back]
     pixels = flat.shape[1]
     images = received[:, :pixels].reshape(len(mine), *shape)
-    labels = received[:, pixels : pixels + LABEL_BYTES].contiguous().view(torch.int64).reshape(-1)
+    # a fresh copy: a slice's storage offset and row stride need not be multiples of 8 (one odd-width row)
+    labels = received[:, pixels : pixels + LABEL_BYTES].flatten().clone().view(torch.int64)
     payloads = read_payloads(received[:, pixels + LABEL_BYTES :]) if with_payloads else []
     return images, labels, payloads
 

@@ -67,6 +67,7 @@ class ReadSettings:
     embeddings: str = ""  # where the precomputed embeddings are (text = embeddings)
     expand_ratio: float = 1.0  # shorter side resized to this x resolution before the crop
     resize_filter: str = "bicubic"
+    text_dim: int = 0  # the width of the precomputed embeddings, which every shard's must match
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,12 @@ class LaneReader:
             raise ShardFormatError(
                 f"{self.settings.embeddings}: no complete caption embeddings for {name} (run `pixelflow-data "
                 f"encode-text` again: it finishes what is missing)"
+            )
+        if index.get("dim") != self.settings.text_dim:
+            raise ShardFormatError(
+                f"{self.settings.embeddings}/{name}{text_store.SUFFIX}.json: {index.get('dim')}-wide embeddings, the "
+                f"model takes model.text_dim = {self.settings.text_dim} (another encoder? run `pixelflow-data "
+                f"encode-text` again with the run's encoder)"
             )
         return index
 
@@ -347,6 +354,33 @@ class ShardStream(IterableDataset):
 DEFAULT_LANES = 16  # when data.lanes is 0 (at most one per shard): the same on every layout
 
 
+def open_dataset(
+    path: str,
+    storage_options: dict,
+    retries: int,
+    retry_wait: float,
+    num_classes: int,
+    lanes: int,
+    state: dict | None,
+) -> tuple[Manifest, int]:
+    """(the manifest, the number of reading lanes) of a dataset that a run can read: one clear error when it
+    has more classes than the model or too few shards for the lanes (`state`: a checkpoint's, whose lanes
+    are fixed for the run's life)."""
+    fs, root = filesystem(path, **storage_options)
+    manifest = read_manifest(fs, root, retries, retry_wait)
+    if num_classes and (manifest.num_classes or 0) > num_classes:
+        raise ConfigError(
+            f"model.num_classes = {num_classes} but the dataset {path} has {manifest.num_classes} classes"
+        )
+    num_lanes = state["num_lanes"] if state else (lanes or min(DEFAULT_LANES, len(manifest.shards)))
+    if len(manifest.shards) < num_lanes:
+        raise ShardFormatError(
+            f"{path}: {len(manifest.shards)} shards cannot feed {num_lanes} reading lanes (data.lanes); "
+            f"write more, smaller shards or use fewer lanes"
+        )
+    return manifest, num_lanes
+
+
 class DataStream:
     """One data rank's share of every step's global batch, plus the lane cursors a checkpoint needs.
 
@@ -381,21 +415,11 @@ class DataStream:
         embeddings: str = "",
         expand_ratio: float = 1.0,
         resize_filter: str = "bicubic",
+        text_dim: int = 0,
     ):
         storage_options = storage_options or {}
-        fs, root = filesystem(path, **storage_options)
-        manifest = read_manifest(fs, root, retries, retry_wait)
-        if num_classes and (manifest.num_classes or 0) > num_classes:
-            raise ConfigError(
-                f"model.num_classes = {num_classes} but the dataset {path} has {manifest.num_classes} classes"
-            )
+        manifest, num_lanes = open_dataset(path, storage_options, retries, retry_wait, num_classes, lanes, state)
         self.num_classes = num_classes  # labels must lie in 0..num_classes-1 (0: unchecked)
-        num_lanes = state["num_lanes"] if state else (lanes or min(DEFAULT_LANES, len(manifest.shards)))
-        if len(manifest.shards) < num_lanes:
-            raise ShardFormatError(
-                f"{path}: {len(manifest.shards)} shards cannot feed {num_lanes} reading lanes (data.lanes); "
-                f"write more, smaller shards or use fewer lanes"
-            )
         if num_lanes < world_size and rank == 0:
             log.warning(
                 "%d reading lanes for %d data ranks: %d ranks read nothing and get their samples from the "
@@ -426,6 +450,7 @@ class DataStream:
             embeddings,
             expand_ratio,
             resize_filter,
+            text_dim,
         )
         self._iterator = None
         if self.lanes:

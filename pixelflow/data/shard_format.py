@@ -121,7 +121,11 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str, retries: int = 5, re
     where = f"{root}/{MANIFEST_NAME}"
     try:
         text = with_retries(lambda: fs.cat_file(where), where, retries, retry_wait).decode()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        if fs.isfile(root):
+            raise ShardFormatError(
+                f"{root}: a file, not a dataset: give the folder that holds manifest.json and the shards"
+            ) from None
         raise ShardFormatError(f"{where}: no manifest; is this a dataset written by pixelflow-data?") from None
     return Manifest.from_json(text, where)
 

@@ -9,6 +9,7 @@ ranks (`text.shard_encoder`) instead of replicated. Captions are padded to the l
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -21,6 +22,14 @@ def pad_tokens(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[tor
     """(B, L, D) embeddings and (B, L) mask padded with masked zeros to `length` tokens."""
     extra = length - text.shape[1]
     return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_encoder_path(path: str | None) -> Path:
@@ -37,6 +46,10 @@ def check_encoder_path(path: str | None) -> Path:
         raise ConfigError(f"text.encoder: {folder}: no config.json (not a saved transformers model)")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
         raise ConfigError(f"text.encoder: {folder}: no tokenizer files (tokenizer.json or spiece.model)")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(
+            f"text.encoder: {folder}: no weights (model.safetensors or pytorch_model.bin, or their index)"
+        )
     return folder
 
 
@@ -53,7 +66,21 @@ class TextEncoder:
         model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
         self.model = model.to(device).eval().requires_grad_(False)
         self.dim = int(model.config.d_model)
+        self.folder = folder
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def identity(self) -> dict:
+        """What its embeddings depend on: the folder, its config's checksum, its weight files' sizes, the width
+        and the token limit (so embeddings of another encoder are never taken for this one's)."""
+        config = zlib.crc32((self.folder / "config.json").read_bytes())
+        weights = {name: (self.folder / name).stat().st_size for name in WEIGHT_FILES if (self.folder / name).is_file()}
+        return {
+            "encoder": str(self.folder.resolve()),
+            "config_crc32": config,
+            "weights": weights,
+            "dim": self.dim,
+            "max_tokens": self.max_tokens,
+        }
 
     def shard(self, mesh) -> None:
         """FSDP2-shard the encoder's blocks over `mesh` (every rank must then encode in step)."""

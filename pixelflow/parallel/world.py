@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from pixelflow.config import Config, ConfigError
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "tp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,13 @@ class World:
     dp_shard: int = 1
     sp: int = 1
     tp: int = 1
+    control: dist.ProcessGroup | None = None  # gloo, for the host's small agreements (errors, stop signals)
+    timeout: datetime.timedelta = datetime.timedelta(minutes=30)  # of every collective (train.collective_timeout_s)
+
+    def group(self) -> dist.ProcessGroup:
+        """A new gloo group of every rank (for a thread of its own, e.g. background saves) with the world's
+        timeout (collective: every rank makes the same groups in the same order)."""
+        return dist.new_group(backend="gloo", timeout=self.timeout)
 
     @property
     def distributed(self) -> bool:
@@ -149,17 +159,36 @@ def init_world(cfg: Config, device_name: str = "auto") -> World:
     if use_cuda:
         torch.cuda.set_device(device)
     layout = layout_for(cfg, size)
+    timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
     if size == 1 and "RANK" not in os.environ:
-        return World(0, 1, device, None)
+        return World(0, 1, device, None, timeout=timeout)
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
             rank=rank,
             world_size=size,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=timeout,
             device_id=device if use_cuda else None,
         )
-    return World(rank, size, device, *build_mesh(device.type, *layout), *layout)
+    mesh, views = build_mesh(device.type, *layout)
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    return World(rank, size, device, mesh, views, *layout, control=control, timeout=timeout)
+
+
+def from_main(world: World, action: Callable[[], T]) -> T:
+    """action() on rank 0, and its result, or the exception it raised, on every rank (collective): a check
+    made once, whose one-line error every rank reports."""
+    answer: list = [None, None]
+    if world.is_main:
+        try:
+            answer[0] = action()
+        except Exception as exc:  # handed to every rank, then raised everywhere
+            answer[1] = exc
+    if world.distributed:
+        dist.broadcast_object_list(answer, src=0, group=world.control)
+    if answer[1] is not None:
+        raise answer[1]
+    return answer[0]
 
 
 def shutdown(world: World, together: bool = True) -> None:

@@ -117,43 +117,66 @@ class Reference:
     pool_features: np.ndarray | None
 
 
-def load_reference(path: str | Path, model: FIDInception) -> Reference:
-    """`arr_0` (N x H x W x 3 uint8 images) or `mu`/`sigma` (and `mu_s`/`sigma_s` for sFID) in an npz."""
+STATISTICS = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
+
+
+def read_reference(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a reference npz, checked before any sampling: `arr_0` (N x H x W x 3 uint8 images, N >= 2),
+    or finite statistics `mu` (2048), `sigma` (2048 x 2048) and optionally `mu_s` (2023), `sigma_s`
+    (2023 x 2023) for sFID, as the ADM reference batches carry."""
     if not Path(path).is_file():
         raise ConfigError(f"--reference {path}: no such file")
     try:
-        saved = np.load(path)
+        with np.load(path) as saved:
+            arrays = {key: saved[key] for key in saved.files if key == "arr_0" or key in STATISTICS}
     except Exception as exc:
         raise ConfigError(f"--reference {path}: not an .npz ({exc})") from None
-    with saved:
-        if "arr_0" in saved:
-            images = saved["arr_0"]
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) < 2:
-                raise ConfigError(
-                    f"--reference {path}: arr_0 is {images.dtype} {images.shape}, not N x H x W x 3 uint8"
-                )
-            features = inception_features(model, images)
-            return Reference(Statistics.of(features.pool), Statistics.of(features.spatial), features.pool)
-        if "mu" in saved and "sigma" in saved:
-            spatial = Statistics(saved["mu_s"], saved["sigma_s"]) if "mu_s" in saved and "sigma_s" in saved else None
-            return Reference(Statistics(saved["mu"], saved["sigma"]), spatial, None)
-    raise ConfigError(f"--reference {path}: holds neither arr_0 (images) nor mu and sigma (statistics)")
+    if "arr_0" in arrays:
+        images = arrays["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) < 2:
+            raise ConfigError(f"--reference {path}: arr_0 is {images.dtype} {images.shape}, not N x H x W x 3 uint8")
+        return {"arr_0": images}
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise ConfigError(f"--reference {path}: holds neither arr_0 (images) nor mu and sigma (statistics)")
+    if ("mu_s" in arrays) != ("sigma_s" in arrays):
+        raise ConfigError(f"--reference {path}: has one of mu_s and sigma_s without the other")
+    for key, array in arrays.items():
+        if array.shape != STATISTICS[key]:
+            raise ConfigError(f"--reference {path}: {key} is {array.shape}, not {STATISTICS[key]}")
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise ConfigError(f"--reference {path}: {key} holds values that are not finite numbers")
+    return arrays
+
+
+def load_reference(arrays: dict[str, np.ndarray], model: FIDInception) -> Reference:
+    """A checked reference (read_reference): its images' features, or its statistics."""
+    if "arr_0" in arrays:
+        features = inception_features(model, arrays["arr_0"])
+        return Reference(Statistics.of(features.pool), Statistics.of(features.spatial), features.pool)
+    spatial = Statistics(arrays["mu_s"], arrays["sigma_s"]) if "mu_s" in arrays else None
+    return Reference(Statistics(arrays["mu"], arrays["sigma"]), spatial, None)
+
+
+def scores_against(images: np.ndarray, reference: dict[str, np.ndarray], model: FIDInception) -> dict:
+    """fid, sfid, inception_score, precision, recall (the last two only against a reference of images;
+    sfid only when the reference has spatial statistics)."""
+    if len(images) < 2:
+        raise ConfigError(f"FID needs at least 2 generated images, not {len(images)}")
+    batch = load_reference(reference, model)
+    features = inception_features(model, images)
+    scores = {
+        "fid": frechet_distance(Statistics.of(features.pool), batch.pool),
+        "inception_score": inception_score(features.logits),
+    }
+    if batch.spatial is not None:
+        scores["sfid"] = frechet_distance(Statistics.of(features.spatial), batch.spatial)
+    if batch.pool_features is not None:
+        scores["precision"], scores["recall"] = precision_recall(batch.pool_features, features.pool)
+    return scores
 
 
 def inception_scores(
     images: np.ndarray, reference_path: str | Path, weights: str | Path, device: torch.device | str = "cpu"
 ) -> dict:
-    """fid, sfid, inception_score, precision, recall (the last two only against a reference of images;
-    sfid only when the reference has spatial statistics)."""
-    model = load_inception(weights, device)
-    reference = load_reference(reference_path, model)
-    features = inception_features(model, images)
-    scores = {
-        "fid": frechet_distance(Statistics.of(features.pool), reference.pool),
-        "inception_score": inception_score(features.logits),
-    }
-    if reference.spatial is not None:
-        scores["sfid"] = frechet_distance(Statistics.of(features.spatial), reference.spatial)
-    if reference.pool_features is not None:
-        scores["precision"], scores["recall"] = precision_recall(reference.pool_features, features.pool)
-    return scores
+    """scores_against a reference file with the Inception weights at `weights`."""
+    return scores_against(images, read_reference(reference_path), load_inception(weights, device))

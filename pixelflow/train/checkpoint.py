@@ -20,12 +20,19 @@ removed after the next commit. An asynchronous save copies the tensors into (pin
 writes and commits on a background thread while training goes on; the next save, a stop or the end of
 training waits for it.
 
+A save that fails (a full disk, a lost file system) removes its temporary folder and is one line naming the
+step and the cause (`CheckpointSaveError`); an asynchronous one is noticed at the next step boundary
+(`failed()`, agreed over the ranks with the stop signals), not at the next save. The newest committed
+checkpoint is never touched by a failing save. The start point of the run's lineage (`protect`) is never
+pruned.
+
 Test hook: PIXELFLOW_TEST_STALL_COMMIT=<step>:<seconds> makes rank 0 wait that long before committing
 that step's save (every rank's files written, no manifest yet), so tests can kill a run mid-save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,8 +50,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from pixelflow.config import CheckpointConfig, Config, from_yaml, to_yaml
+from pixelflow.config import CheckpointConfig, Config, ModelConfig, from_yaml, to_yaml
+from pixelflow.errors import RunFailure
 from pixelflow.parallel.world import World
+from pixelflow.paths import writable
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save and load, which is what one process without a group means here
@@ -60,6 +69,36 @@ SEPARATOR = "/"  # joins a tensor's path through the nested state into its DCP k
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it."""
+
+
+class CheckpointSaveError(RunFailure):
+    """Writing a checkpoint failed (disk full, file system gone); the message names the step and the cause."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The OSError behind a failure (DCP wraps every rank's failure in a CheckpointException), else exc."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += [item[0] if isinstance(item, tuple) else item for item in failures.values()]
+        pending += [link for link in (current.__cause__, current.__context__) if link is not None]
+    return exc
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a failure: an OSError's reason and file, else the first line of its message."""
+    cause = root_cause(exc)
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{cause.strerror} ({cause.filename})" if cause.filename else cause.strerror
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
 
 
 class Part(Protocol):
@@ -98,8 +137,8 @@ def file_crc(path: Path) -> int:
     return crc
 
 
-def verify(folder: Path) -> None:
-    """Raise CheckpointError naming the first file that is missing, truncated or damaged."""
+def verify(folder: Path, checksums: bool = True) -> None:
+    """Raise CheckpointError naming the first file that is missing, truncated or (checksums) damaged."""
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -110,7 +149,7 @@ def verify(folder: Path) -> None:
             size = path.stat().st_size
             if size != expected["size"]:
                 raise CheckpointError(f"{path}: {size} bytes, the manifest says {expected['size']} (truncated?)")
-            if file_crc(path) != expected["crc32"]:
+            if checksums and file_crc(path) != expected["crc32"]:
                 raise CheckpointError(f"{path}: checksum differs from the manifest (damaged)")
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
@@ -186,7 +225,7 @@ class Checkpointer:
         self.config_yaml = to_yaml(config)
         use_async = cfg.async_save if cfg.async_save is not None else world.device.type == "cuda"
         # a group of its own: the background thread's collectives must not interleave with training's
-        self.group = dist.new_group(backend="gloo") if world.distributed else None
+        self.group = world.group() if world.distributed else None
         self.stager = None
         if use_async:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -194,7 +233,9 @@ class Checkpointer:
             pinned = world.device.type == "cuda"
             self.stager = DefaultStager(StagingOptions(pinned, False, False, pinned))  # reuses its buffers
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._saving = 0  # the step of the save in flight
+        self._error: CheckpointSaveError | None = None
+        self.protected: set[Path] = set()  # the lineage's start points in this folder: never pruned
         self.last_blocking_s = 0.0  # how long the last save held the step loop
 
     # -------------------------------------------------------------------------------------- saving
@@ -205,24 +246,64 @@ class Checkpointer:
         self.wait()
         tensors, rest = split_tensors({name: part.state_dict() for name, part in parts.items()})
         temporary = self.directory / f".step_{step:08d}.tmp"
-        if self.world.is_main:
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-            _write_file(temporary / STATE, json.dumps(_jsonable(rest), indent=1))
-            _write_file(temporary / CONFIG, self.config_yaml)
-        self._barrier()
-        for part in parts.values():
-            if hasattr(part, "save_files"):
-                part.save_files(temporary)
-        if self.stager is not None and not blocking:
-            staged = self.stager.stage(tensors)
-            self._thread = threading.Thread(
-                target=self._write_in_background, args=(staged, temporary, step), name="checkpoint", daemon=True
-            )
-            self._thread.start()
-        else:
-            self._write_and_commit(tensors, temporary, step)
+        with self._failing_as_save_error(step, temporary):
+            problem = None
+            if self.world.is_main:
+                try:
+                    shutil.rmtree(temporary, ignore_errors=True)
+                    temporary.mkdir(parents=True)
+                    _write_file(temporary / STATE, json.dumps(_jsonable(rest), indent=1))
+                    _write_file(temporary / CONFIG, self.config_yaml)
+                except OSError as exc:
+                    problem = exc
+            failed = self._any_rank(problem is not None)  # also a barrier: the folder exists before ranks write
+            if problem is not None:
+                raise problem
+            if failed:
+                raise RunFailure("rank 0 could not start the save (its log says why)")
+            for part in parts.values():
+                if hasattr(part, "save_files"):
+                    part.save_files(temporary)
+            if self.stager is not None and not blocking:
+                self._saving = step
+                staged = self.stager.stage(tensors)
+                self._thread = threading.Thread(
+                    target=self._write_in_background, args=(staged, temporary, step), name="checkpoint", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._write_and_commit(tensors, temporary, step)
         self.last_blocking_s = time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def _failing_as_save_error(self, step: int, temporary: Path):
+        """Any failure inside (DCP's CheckpointException is a BaseException) becomes one CheckpointSaveError
+        line; the temporary folder goes, so its bytes do not fill the disk further."""
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit, CheckpointSaveError):
+            raise
+        except BaseException as exc:
+            shutil.rmtree(temporary, ignore_errors=True)
+            newest = committed_checkpoints(self.directory)
+            kept = f"the newest committed checkpoint, {newest[-1].name}, is intact" if newest else "none was committed"
+            raise CheckpointSaveError(
+                f"step {step}: saving the checkpoint into {self.directory} failed: {describe(exc)}; {kept}"
+            ) from None
+
+    def failed(self) -> bool:
+        """Whether the save in flight has failed (never blocks)."""
+        return self._error is not None
+
+    def raise_failure(self) -> None:
+        """Raise the failed save's error; on a rank whose part did not fail, say that another rank's did
+        (without joining its thread, which may wait for that rank forever)."""
+        if self._error is not None:
+            self.wait()
+        raise CheckpointSaveError(
+            f"step {self._saving}: saving the checkpoint into {self.directory} failed on another rank (its log "
+            f"says why); the newest committed checkpoint is intact"
+        )
 
     def wait(self) -> None:
         """Block until the save in flight is committed; re-raise its failure."""
@@ -231,7 +312,7 @@ class Checkpointer:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointError(f"{self.directory}: saving a checkpoint failed: {error}") from error
+            raise error
 
     def close(self, wait: bool = True) -> None:
         """Finish (or, after a failure elsewhere, abandon: it stays uncommitted) the save in flight."""
@@ -244,8 +325,9 @@ class Checkpointer:
 
     def _write_in_background(self, tensors: dict, temporary: Path, step: int) -> None:
         try:
-            self._write_and_commit(tensors, temporary, step)
-        except BaseException as exc:  # re-raised in the training thread by wait()
+            with self._failing_as_save_error(step, temporary):
+                self._write_and_commit(tensors, temporary, step)
+        except CheckpointSaveError as exc:  # re-raised in the training thread by wait()
             self._error = exc
 
     def _write_and_commit(self, tensors: dict, temporary: Path, step: int) -> None:
@@ -292,10 +374,10 @@ class Checkpointer:
     def _prune(self, newest: Path) -> None:
         """Keep the newest `keep` committed, every `keep_every`-th for good, and remove stale temporaries."""
         committed = committed_checkpoints(self.directory)
-        kept = set(committed[-self.cfg.keep :]) | {newest}
+        kept = {path.resolve() for path in [*committed[-self.cfg.keep :], newest, *self.protected]}
         for folder in committed:
             step = int(folder.name[5:])
-            if folder not in kept and not (self.cfg.keep_every and step % self.cfg.keep_every == 0):
+            if folder.resolve() not in kept and not (self.cfg.keep_every and step % self.cfg.keep_every == 0):
                 shutil.rmtree(folder, ignore_errors=True)
         for entry in self.directory.iterdir():
             if TEMPORARY.match(entry.name) and entry.is_dir():
@@ -305,53 +387,15 @@ class Checkpointer:
         if self.world.distributed:
             dist.barrier(group=self.group)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether any rank raised the flag (collective)."""
+        if not self.world.distributed:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
+
     # ------------------------------------------------------------------------------------- loading
-
-    def find_resume(self, resume: str) -> ResumeSource | None:
-        """What to start from (collective: rank 0 looks, every rank gets its answer or its error)."""
-        answer: list[Any] = [None]
-        if self.world.is_main:
-            try:
-                answer[0] = self._choose(resume)
-            except CheckpointError as exc:
-                answer[0] = exc
-        if self.world.distributed:
-            dist.broadcast_object_list(answer, src=0, group=self.group)
-        if isinstance(answer[0], CheckpointError):
-            raise CheckpointError(str(answer[0]))
-        return answer[0]
-
-    def _choose(self, resume: str) -> ResumeSource | None:
-        committed = committed_checkpoints(self.directory)
-        if resume == "none":
-            if committed:
-                raise CheckpointError(
-                    f"{self.directory}: resume=none but the run directory already holds checkpoints "
-                    f"(newest {committed[-1].name}); use another run_dir or resume=auto"
-                )
-            return None
-        if resume != "auto":
-            return resolve_source(Path(resume))
-        problems = []
-        for folder in reversed(committed):
-            try:
-                verify(folder)
-            except CheckpointError as exc:
-                log.warning("%s; using the previous committed checkpoint", exc)
-                problems.append(str(exc))
-                continue
-            return ResumeSource(folder, True)
-        if problems:
-            raise CheckpointError(
-                f"{self.directory}: checkpoints present but none usable ({'; '.join(problems)}); nothing was changed"
-            )
-        legacy = legacy_checkpoints(self.directory)
-        if legacy:
-            raise CheckpointError(
-                f"{legacy[-1]}: single-file checkpoint from an earlier version; convert it with "
-                f"`pixelflow convert-checkpoint {legacy[-1]}` and train again"
-            )
-        return None
 
     def load(self, source: ResumeSource, parts: dict[str, Part]) -> None:
         """Load a whole training state (resharded onto this mesh) or, for weights-only sources, the model
@@ -370,8 +414,13 @@ class Checkpointer:
             )
         tensors, _ = split_tensors({name: part.state_dict() for name, part in parts.items()})
         reader = dcp.FileSystemReader(str(source.path))
-        check_shapes(tensors, reader.read_metadata().state_dict_metadata, source.path)
-        dcp.load(tensors, storage_reader=reader, process_group=self.group, no_dist=not self.world.distributed)
+        check_shapes(tensors, dcp_shapes(reader), source.path)
+        try:
+            dcp.load(tensors, storage_reader=reader, process_group=self.group, no_dist=not self.world.distributed)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            raise CheckpointError(f"{source.path}: cannot be read ({describe(exc)})") from None
         for name, part in parts.items():
             part.load_state_dict(join_tensors(saved[name], tensors, name))
             if hasattr(part, "load_files"):
@@ -384,12 +433,18 @@ def _stall_if_asked(step: int) -> None:
         time.sleep(float(seconds))
 
 
-def check_shapes(tensors: dict[str, torch.Tensor], saved: dict[str, Any], where: Path) -> None:
+def dcp_shapes(reader: dcp.FileSystemReader) -> dict[str, list[int]]:
+    """The shape of every tensor a step folder holds, from its metadata (nothing loaded)."""
+    metadata = reader.read_metadata().state_dict_metadata
+    return {key: list(meta.size) for key, meta in metadata.items() if hasattr(meta, "size")}
+
+
+def check_shapes(tensors: dict[str, torch.Tensor], saved: dict[str, list[int]], where: Path) -> None:
     """One line naming the first tensor that this model and the checkpoint disagree on."""
     for key, tensor in tensors.items():
         if key not in saved:
             raise CheckpointError(f"{where}: the checkpoint has no tensor '{key}' (a different model?)")
-        shape = list(getattr(saved[key], "size", []))
+        shape = saved[key]
         if shape != list(tensor.shape):
             raise CheckpointError(
                 f"{where}: tensor '{key}' is {shape} in the checkpoint but {list(tensor.shape)} in this model"
@@ -403,19 +458,19 @@ def check_shapes(tensors: dict[str, torch.Tensor], saved: dict[str, Any], where:
 # ------------------------------------------------------------------- weights for sampling and fine-tuning
 
 
-def resolve_source(path: Path) -> ResumeSource:
+def resolve_source(path: Path, checksums: bool = True) -> ResumeSource:
     """A step folder, a run directory (or its checkpoints/), an export, or an earlier single-file checkpoint."""
     if path.is_file():
         return ResumeSource(path, False)
     if (path / EXPORT_WEIGHTS).is_file():
         return ResumeSource(path, False)
     if (path / MANIFEST).is_file():
-        verify(path)
+        verify(path, checksums)
         return ResumeSource(path, True)
     for directory in (path / "checkpoints", path):
         committed = committed_checkpoints(directory)
         if committed:
-            verify(committed[-1])
+            verify(committed[-1], checksums)
             return ResumeSource(committed[-1], True)
         legacy = legacy_checkpoints(directory)
         if legacy:
@@ -425,27 +480,91 @@ def resolve_source(path: Path) -> ResumeSource:
     )
 
 
+def read_state(folder: Path) -> dict:
+    """A step folder's state.json: everything of the training state that is not a tensor."""
+    try:
+        return json.loads((folder / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / STATE}: unreadable ({exc})") from None
+
+
+def source_config(source: ResumeSource) -> Config:
+    """The config a checkpoint, an export or an earlier single-file checkpoint was written with."""
+    if source.path.is_file():
+        return from_yaml(load_legacy(source.path)["config"], unset_env_ok=True)
+    if not (source.path / CONFIG).is_file():
+        what = "model.safetensors" if (source.path / EXPORT_WEIGHTS).is_file() else "the checkpoint"
+        raise CheckpointError(f"{source.path}: no {CONFIG} beside {what} (an export is both files)")
+    return from_yaml((source.path / CONFIG).read_text(), unset_env_ok=True)
+
+
+def saved_shapes(source: ResumeSource) -> dict[str, list[int]]:
+    """Shape of every tensor a source holds, keyed as in a step folder (model/..., ema/..., ...), read from its
+    metadata or header: nothing is loaded."""
+    if source.path.is_file():
+        state = load_legacy(source.path)
+        return {
+            f"{part}{SEPARATOR}{name}": list(t.shape) for part in ("model", "ema") for name, t in state[part].items()
+        }
+    if (source.path / EXPORT_WEIGHTS).is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(source.path / EXPORT_WEIGHTS), "pt") as weights:
+                names = list(weights.keys())
+                return {f"model{SEPARATOR}{name}": list(weights.get_slice(name).get_shape()) for name in names}
+        except Exception as exc:  # a header that is not safetensors
+            raise CheckpointError(f"{source.path / EXPORT_WEIGHTS}: unreadable ({describe(exc)})") from None
+    return dcp_shapes(dcp.FileSystemReader(str(source.path)))
+
+
+def check_weights_fit(source: ResumeSource, model: ModelConfig) -> None:
+    """One line naming the first weight a model of this config and the source disagree on."""
+    from pixelflow.model import PixelFlowTransformer
+
+    with torch.device("meta"):
+        wanted = PixelFlowTransformer(model).state_dict()
+    parts = ("model", "ema") if source.full or source.path.is_file() else ("model",)
+    template = {f"{part}{SEPARATOR}{name}": t for part in parts for name, t in wanted.items()}
+    check_shapes(template, saved_shapes(source), source.path)
+
+
 def read_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], Config]:
     """(full float32 weights, config) from any checkpoint `resolve_source` accepts; `which` is ema|model."""
     source = resolve_source(Path(path))
+    cfg = source_config(source)
+    check_weights_fit(source, cfg.model)
     if source.path.is_file():
-        state = load_legacy(source.path)
-        return state[which], from_yaml(state["config"], unset_env_ok=True)
+        return load_legacy(source.path)[which], cfg
     if (source.path / EXPORT_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
-        cfg = from_yaml((source.path / CONFIG).read_text(), unset_env_ok=True)
         return load_file(source.path / EXPORT_WEIGHTS), cfg
     from pixelflow.model import PixelFlowTransformer
 
-    cfg = from_yaml((source.path / CONFIG).read_text(), unset_env_ok=True)
     with torch.device("meta"):
         names = list(PixelFlowTransformer(cfg.model).state_dict().items())
     template = {f"{which}{SEPARATOR}{name}": torch.empty(t.shape, dtype=torch.float32) for name, t in names}
     reader = dcp.FileSystemReader(str(source.path))
-    check_shapes(template, {k: v for k, v in reader.read_metadata().state_dict_metadata.items()}, source.path)
-    dcp.load(template, storage_reader=reader, no_dist=True)
+    try:
+        dcp.load(template, storage_reader=reader, no_dist=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"{source.path}: cannot be read ({describe(exc)})") from None
     return {key.split(SEPARATOR, 1)[1]: tensor for key, tensor in template.items()}, cfg
+
+
+def source_identity(source: ResumeSource) -> dict:
+    """What tells one checkpoint's weights from another's: its place and the checksum of its contents (a step
+    folder's manifest lists every file's CRC32)."""
+    if source.path.is_file():
+        content = source.path
+    elif (source.path / EXPORT_WEIGHTS).is_file():
+        content = source.path / EXPORT_WEIGHTS
+    else:
+        content = source.path / MANIFEST
+    return {"path": str(source.path.resolve()), "crc32": file_crc(content), "bytes": content.stat().st_size}
 
 
 def load_legacy(path: Path) -> dict[str, Any]:
@@ -459,17 +578,45 @@ def load_legacy(path: Path) -> dict[str, Any]:
     return state
 
 
-def write_export(destination: Path, weights: dict[str, torch.Tensor], cfg: Config, origin: str) -> Path:
-    """Consolidated weights as safetensors plus the config: what sampling and fine-tuning need."""
+def check_export_destination(destination: Path, force: bool = False) -> None:
+    """Refuse a destination where an export would shadow checkpoints (sampling and resume read a folder's
+    model.safetensors before its checkpoints), an existing export unless forced, and unwritable places."""
+    destination = Path(destination)
+    if destination.exists() and not destination.is_dir():
+        raise CheckpointError(f"{destination}: a file, not a folder to export into")
+    if (
+        (destination / "checkpoints").is_dir()
+        or (destination / MANIFEST).is_file()
+        or destination.name == "checkpoints"
+    ):
+        raise CheckpointError(
+            f"{destination}: a run directory or checkpoint folder: an export there would hide its checkpoints; "
+            f"export into a folder of its own"
+        )
+    if (destination / EXPORT_WEIGHTS).exists() and not force:
+        raise CheckpointError(f"{destination}: already holds an export; --force replaces it")
+    if not writable(destination):
+        raise CheckpointError(f"{destination}: cannot be written there")
+
+
+def write_export(
+    destination: Path, weights: dict[str, torch.Tensor], cfg: Config, origin: str, force: bool = False
+) -> Path:
+    """Consolidated weights as safetensors plus the config: what sampling and fine-tuning need. Each file is
+    written under a temporary name and renamed, so a replaced export is never half old, half new."""
     from safetensors.torch import save_file
 
+    check_export_destination(destination, force)
     destination.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().float().contiguous().cpu() for name, t in weights.items()}
-    save_file(tensors, destination / EXPORT_WEIGHTS, metadata={"origin": origin})
-    (destination / CONFIG).write_text(to_yaml(cfg))
+    save_file(tensors, destination / f".{EXPORT_WEIGHTS}.tmp", metadata={"origin": origin})
+    _write_file(destination / f".{CONFIG}.tmp", to_yaml(cfg))
+    os.replace(destination / f".{CONFIG}.tmp", destination / CONFIG)
+    os.replace(destination / f".{EXPORT_WEIGHTS}.tmp", destination / EXPORT_WEIGHTS)
     return destination
 
 
-def export(source: Path, destination: Path, which: str = "ema") -> Path:
+def export(source: Path, destination: Path, which: str = "ema", force: bool = False) -> Path:
+    check_export_destination(destination, force)  # before reading gigabytes of weights
     weights, cfg = read_weights(source, which)
-    return write_export(Path(destination), weights, cfg, f"{source} ({which})")
+    return write_export(Path(destination), weights, cfg, f"{source} ({which})", force)

@@ -75,6 +75,11 @@ class DeepSpeedEngine:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if world.device.type == "cuda" else "cpu")
         import deepspeed
 
+        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group, of one rank
+            backend = "nccl" if world.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's own launcher's variable
+
         model = initial_model(cfg)
         set_attention_backend(model, cfg.model.attention, world.device.type)
         optimizer, lr_schedule = build_optimizer(model, cfg.train)

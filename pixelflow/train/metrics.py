@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pixelflow.config import WandbConfig
+from pixelflow.records import split_at_step
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,8 @@ class MetricsLogger:
 
 def open_at_step(path: Path, step: int):
     """Open a JSON-lines log for appending after dropping the records of steps past `step` (written after
-    the checkpoint a run resumes from, so they are about to be written again)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    the checkpoint a run resumes from, so they are about to be written again) and a torn last line."""
+    split_at_step(path, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "a")
 

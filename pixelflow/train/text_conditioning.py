@@ -13,7 +13,7 @@ import torch
 from pixelflow.config import Config, ConfigError
 from pixelflow.data.storage import filesystem, storage_options
 from pixelflow.data.text_store import embeddings_location, read_info
-from pixelflow.model.text_encoder import pad_tokens
+from pixelflow.model.text_encoder import check_encoder_path, pad_tokens
 from pixelflow.parallel.world import World
 
 
@@ -46,6 +46,27 @@ class UnitText:
         return self.empty, self.empty_mask
 
 
+def read_embeddings_info(cfg: Config) -> np.ndarray:
+    """The empty caption's (L, D) embedding of the precomputed embeddings, checked against model.text_dim."""
+    location = embeddings_location(cfg.text.embeddings, cfg.data.path)
+    fs, base = filesystem(location, **storage_options(location, cfg.data.endpoint_url))
+    info, empty = read_info(fs, base)
+    if int(info["dim"]) != cfg.model.text_dim:
+        raise ConfigError(
+            f"model.text_dim = {cfg.model.text_dim} but the embeddings in {location} ({info['encoder']}) are "
+            f"{info['dim']}-wide tokens"
+        )
+    return empty
+
+
+def check_text_source(cfg: Config) -> None:
+    """What TextConditioner needs, checked without loading an encoder: its folder, or the embeddings' info."""
+    if cfg.text.mode == "online":
+        check_encoder_path(cfg.text.encoder)
+    else:
+        read_embeddings_info(cfg)
+
+
 class TextConditioner:
     def __init__(self, cfg: Config, world: World):
         self.device, self.dropout, self.encoder = world.device, cfg.text.dropout, None
@@ -56,16 +77,17 @@ class TextConditioner:
             if cfg.text.shard_encoder and world.distributed:
                 self.encoder.shard(world.fsdp_mesh)
             self.empty, self.empty_mask = self.encoder.empty()
-            self.dim, source = self.encoder.dim, f"text.encoder {cfg.text.encoder}"
+            self.dim = self.encoder.dim
+            if self.dim != cfg.model.text_dim:
+                raise ConfigError(
+                    f"model.text_dim = {cfg.model.text_dim} but text.encoder {cfg.text.encoder} gives "
+                    f"{self.dim}-wide tokens"
+                )
         else:
-            location = embeddings_location(cfg.text.embeddings, cfg.data.path)
-            fs, base = filesystem(location, **storage_options(location, cfg.data.endpoint_url))
-            info, empty = read_info(fs, base)
+            empty = read_embeddings_info(cfg)
             self.empty = torch.from_numpy(empty.astype(np.float32))[None].to(world.device)
             self.empty_mask = torch.ones(self.empty.shape[:2], dtype=torch.int64, device=world.device)
-            self.dim, source = int(info["dim"]), f"the embeddings in {location} ({info['encoder']})"
-        if self.dim != cfg.model.text_dim:
-            raise ConfigError(f"model.text_dim = {cfg.model.text_dim} but {source} gives {self.dim}-wide tokens")
+            self.dim = cfg.model.text_dim
 
     def unit(self, payloads: list[bytes]) -> UnitText:
         """The text of a unit's samples from what travelled with them (every rank calls this once a step:

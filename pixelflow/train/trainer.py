@@ -21,21 +21,20 @@ from pixelflow.data.loader import DataStream, lane_reader, merge_states, slot_la
 from pixelflow.data.planner import StepPlan, plan_settings, plan_step
 from pixelflow.data.storage import storage_options
 from pixelflow.data.text_store import embeddings_location
+from pixelflow.errors import EXIT_FINISHED, EXIT_STOPPED, NonFiniteError, RunFailure
 from pixelflow.model.layout import stream_pieces, to_device
 from pixelflow.parallel.ulysses import sp_slice
-from pixelflow.parallel.world import World, init_world, shutdown
-from pixelflow.train.checkpoint import Checkpointer
+from pixelflow.parallel.world import World, from_main, init_world, shutdown
+from pixelflow.train.checkpoint import Checkpointer, committed_checkpoints
 from pixelflow.train.engine import Engine, build_engine
 from pixelflow.train.metrics import MetricsLogger, SampleKeyLog
+from pixelflow.train.preflight import preflight
+from pixelflow.train.run_directory import RunLock, StartPlan, archive_lineage
 from pixelflow.train.samples import PeriodicSamples
-from pixelflow.train.signals import EXIT_FINISHED, EXIT_STOPPED, StopSignals, signal_numbers
+from pixelflow.train.signals import StopSignals, die_with_launcher, signal_numbers
 from pixelflow.train.text_conditioning import TextConditioner, UnitText
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or gradient became NaN or infinite (train.nonfinite=stop); the message names the step."""
 
 
 @dataclass
@@ -258,20 +257,38 @@ def train_step(
     return StepOutcome(torch.cat(losses), torch.cat(stage_ids), engine.step(), busy, tokens, padding, layouts)
 
 
-def prepare_run_dir(cfg: Config, world: World) -> Path:
-    """Create the run directory and write the config (collective: every rank gets rank 0's error)."""
+def prepare_run_dir(cfg: Config, world: World, lock: RunLock | None, plan: StartPlan) -> Path:
+    """Make the run directory, take its lock, move an abandoned lineage aside and write the config (rank 0;
+    collective: every rank gets rank 0's error)."""
     run_dir = Path(cfg.run_dir)
-    problem = None
-    if world.is_main:
+
+    def prepare() -> None:
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
         except OSError as exc:  # a file in the way, read-only, not creatable
-            problem = f"run_dir: {exc.filename or run_dir}: cannot write the run directory ({exc.strerror or exc})"
-    problem = gather(world, problem)[0]  # also: the directory exists before any rank writes into it
-    if problem:
-        raise ConfigError(problem)
+            problem = f"run_dir: {exc.filename or run_dir}: cannot write the run directory ({exc.strerror})"
+            raise ConfigError(problem) from None
+        lock.acquire()
+        lock.record()
+        if plan.archive_after is not None:
+            folder = archive_lineage(run_dir, plan.archive_after)
+            log.warning(
+                "resume=%s starts a new lineage after step %d: the run directory's later records are in %s",
+                cfg.resume,
+                plan.archive_after,
+                folder,
+            )
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    from_main(world, prepare)
     return run_dir
+
+
+def start_checks(cfg: Config, lock: RunLock) -> StartPlan:
+    """Rank 0's checks before anything is built: the lock of an existing run directory, then preflight."""
+    if Path(cfg.run_dir).is_dir():
+        lock.acquire()
+    return preflight(cfg, lock)
 
 
 def gather(world: World, value):
@@ -279,21 +296,21 @@ def gather(world: World, value):
     if not world.distributed:
         return [value]
     out = [None] * world.size
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=world.control)
     return out
 
 
 class TrainProgress:
-    """The checkpoint part that decides the next batch: the step and every data lane's cursor."""
+    """The checkpoint part that decides the next batch: the step and every data lane's cursor; and the
+    lineage's origin (where its first start was told to resume from; see train/run_directory.py)."""
 
-    def __init__(self, world: World):
-        self.world, self.step, self.data_state, self.stream = world, 0, None, None
+    def __init__(self, world: World, origin: str | None = None):
+        self.world, self.step, self.data_state, self.stream, self.origin = world, 0, None, None, origin
 
     def state_dict(self) -> dict:
         """Collective once streaming: the lanes' cursors are spread over the data ranks."""
-        if self.stream is None:
-            return {"step": self.step, "data": self.data_state}
-        return {"step": self.step, "data": merge_states(gather(self.world, self.stream.state_dict()))}
+        data = self.data_state if self.stream is None else merge_states(gather(self.world, self.stream.state_dict()))
+        return {"step": self.step, "data": data, "origin": self.origin}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.data_state = int(state["step"]), state["data"]
@@ -341,6 +358,7 @@ def open_stream(cfg: Config, world: World, state: dict | None, first_step: int) 
         embeddings=embeddings_location(cfg.text.embeddings, cfg.data.path) if cfg.model.text_dim else "",
         expand_ratio=cfg.data.expand_ratio,
         resize_filter=cfg.data.resize_filter,
+        text_dim=cfg.model.text_dim or 0,
     )
 
 
@@ -351,14 +369,44 @@ def text_payload(cfg: Config) -> str:
     return "captions" if cfg.text.mode == "online" else "embeddings"
 
 
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def peer_failure(exc: Exception, cfg: Config, world: World) -> RunFailure | None:
+    """A collective that failed because another rank died or hung, as one line (None: something else)."""
+    text = str(exc)
+    if not world.distributed or not isinstance(exc, RuntimeError):
+        return None
+    committed = committed_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    newest = f"the newest committed checkpoint is {committed[-1].name}" if committed else "no checkpoint was committed"
+    if "Timed out" in text or "timed out" in text:
+        return RunFailure(
+            f"rank {world.rank}: a collective waited longer than train.collective_timeout_s = "
+            f"{cfg.train.collective_timeout_s:g} s for another rank (hung, stopped or too slow?); {newest}: run "
+            f"the same command again to resume"
+        )
+    if any(marker in text for marker in PEER_LOST):
+        return RunFailure(
+            f"rank {world.rank}: lost the connection to another rank (it died: its log says why); {newest}: run "
+            f"the same command again to resume"
+        )
+    return None
+
+
 def train(cfg: Config) -> RunResult:
     """Train (or resume) the run described by cfg."""
+    die_with_launcher()
     world = init_world(cfg, cfg.train.device)
     clean = False
     try:
         result = _train(cfg, world)
         clean = True
         return result
+    except RuntimeError as exc:
+        failure = peer_failure(exc, cfg, world)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         shutdown(world, clean)
 
@@ -366,23 +414,34 @@ def train(cfg: Config) -> RunResult:
 def _train(cfg: Config, world: World) -> RunResult:
     with ExitStack() as cleanup:
         stop = cleanup.enter_context(StopSignals(cfg.train.stop_signals, world))
+        lock = cleanup.enter_context(RunLock(Path(cfg.run_dir))) if world.is_main else None
+        # everything that can refuse the run, before anything is built or written (launchers check the same)
+        plan = from_main(world, lambda: start_checks(cfg, lock))
         engine = build_engine(cfg, world)
         checkpointer = Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint, world, cfg)
         # after an error on one rank the others may never join the save in flight; after one they all share, wait
         cleanup.push(lambda failed, *_: checkpointer.close(wait=failed is None or failed is NonFiniteError))
         progress = TrainProgress(world)
         parts = {**engine.checkpoint_parts(), "train": progress}
-        source = checkpointer.find_resume(cfg.resume)
-        if source is not None:  # a checkpoint that cannot be used stops the run before the directory is touched
-            checkpointer.load(source, parts)
+        if plan.source is not None:
+            checkpointer.load(plan.source, parts)
             log.info(
-                "%s from %s at step %d", "resumed" if source.full else "weights loaded", source.path, progress.step
+                "%s from %s at step %d",
+                "resumed" if plan.source.full else "weights loaded",
+                plan.source.path,
+                progress.step,
             )
-        # a missing text encoder or a bad dataset stops the run before it writes
+        if plan.origin is not None:  # where this lineage started, when it is a folder of this run: never pruned
+            checkpointer.protected = {Path(plan.origin), *([plan.source.path] if plan.branches else [])}
+        progress.origin = plan.origin  # this lineage's, whatever the loaded state's own was
+        if plan.continued:
+            log.info("resume=%s started this run: continuing from its own checkpoints", cfg.resume)
+        if plan.changes:
+            log.warning("config differs from the checkpoint's: %s", "; ".join(plan.changes))
         conditioner = TextConditioner(cfg, world) if cfg.model.text_dim else None
         data = open_stream(cfg, world, progress.data_state, progress.step + 1)
         cleanup.callback(data.close)
-        run_dir = prepare_run_dir(cfg, world)
+        run_dir = prepare_run_dir(cfg, world, lock, plan)
         progress.stream = data
         step = progress.step
         schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
@@ -436,7 +495,10 @@ def _train(cfg: Config, world: World) -> RunResult:
                 grid = samples.write(step, engine.checkpoint_parts()["ema"].state_dict())
                 if metrics and grid:
                     metrics.log_image(grid, step)
-            stopping = stop.agreed() if step < cfg.train.steps else None  # a signal at the last step: finished
+            stopping, save_failed = stop.agreed(trouble=checkpointer.failed())
+            if save_failed:  # the save in flight failed on some rank: every rank stops here, together
+                checkpointer.raise_failure()
+            stopping = stopping if step < cfg.train.steps else None  # a signal at the last step: finished
             if stopping or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 progress.step = step
                 checkpointer.save(step, parts, blocking=stopping is not None)

@@ -1,0 +1,62 @@
+"""Everything a run checks before it writes anything, in one function that the trainer (rank 0) and the
+launchers (`pixelflow-launch local` and `submit`, before they write the run directory) both call: so a
+refused resume, a missing dataset or a run directory in use is one line from either, and nothing is left
+behind.
+
+In order: the run directory (a directory, writable, not in use by another run), where the run starts (the
+resume choice, the source's integrity, its model shape, its engine, config keys that differ and lanes that
+cannot change), the text source (encoder folder or precomputed embeddings), and the dataset (manifest,
+classes, shards for the lanes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from pixelflow.config import Config, ConfigError
+from pixelflow.data.loader import open_dataset
+from pixelflow.data.storage import storage_options
+from pixelflow.train.checkpoint import CheckpointError, check_weights_fit, source_config
+from pixelflow.train.run_directory import RunLock, StartPlan, config_changes, plan_start
+from pixelflow.train.text_conditioning import check_text_source
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory is a directory, or can be made: one line naming what is in the way."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir / 'checkpoints'}: cannot write the run directory (Not a directory)")
+    place = next((p for p in [run_dir, *run_dir.absolute().parents] if p.exists()), None)
+    if place is None or not place.is_dir():
+        raise ConfigError(f"run_dir: {place or run_dir}: cannot write the run directory (Not a directory)")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir: {place}: cannot write the run directory (Permission denied)")
+
+
+def preflight(cfg: Config, lock: RunLock | None = None, checksums: bool = True) -> StartPlan:
+    """Check the run described by cfg; returns where it starts. `lock`: the caller's own hold on the run
+    directory (the trainer), else the run directory must not be held by anyone (a launcher).
+    `checksums=False` verifies checkpoint files by size only (a launcher on a login node)."""
+    run_dir = Path(cfg.run_dir)
+    check_run_dir(run_dir)
+    if lock is None:
+        RunLock(run_dir).check_free()
+    plan = plan_start(cfg, checksums)
+    if plan.source is not None:
+        saved = source_config(plan.source)
+        if plan.source.full and saved.engine != cfg.engine:
+            raise CheckpointError(
+                f"{plan.source.path}: written by engine={saved.engine}; resume it with engine={saved.engine}, or "
+                f"fine-tune from `pixelflow export` of it (weights only)"
+            )
+        check_weights_fit(plan.source, cfg.model)
+        plan = dataclasses.replace(plan, changes=config_changes(cfg, plan))
+    if cfg.model.text_dim:
+        check_text_source(cfg)
+    options = storage_options(cfg.data.path, cfg.data.endpoint_url)
+    num_classes = cfg.model.num_classes
+    open_dataset(
+        cfg.data.path, options, cfg.data.retries, cfg.data.retry_wait, num_classes, cfg.data.lanes, plan.data_state
+    )
+    return plan
