@@ -21,7 +21,8 @@ from pixelflow.data.shard_format import ShardFormatError
 from pixelflow.errors import NonFiniteError
 from pixelflow.train.checkpoint import committed_checkpoints, read_weights
 from pixelflow.train.trainer import train
-from tests.conftest import REPO, tiny_config, tiny_overrides
+from tests.conftest import REPO, cli, tiny_config, tiny_overrides
+from tests.conftest import error_lines as errors_in
 from tests.s3 import free_port
 
 
@@ -470,3 +471,133 @@ def test_ingest_into_a_missing_bucket_is_an_error_unless_asked_to_create_it(tmp_
         tmp_path / "in", "s3://no-such-bucket/x", endpoint_url=s3_endpoint.endpoint, create_bucket=True
     )
     assert made.written == 1
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_damage_elsewhere_is_one_line(tmp_path, shapes_dataset, caplog):
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
+    metrics = run_dir / "metrics.jsonl"
+    with open(metrics, "a") as handle:
+        handle.write('{"step": 4, "loss": 0.1')  # a kill or a full disk in the middle of an append
+    train(tiny_config(run_dir, shapes_dataset))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert any("dropping its torn last line 4" in r.getMessage() for r in caplog.records)
+    lines = metrics.read_text().splitlines()
+    lines[1] = lines[1][:20]
+    metrics.write_text("\n".join(lines) + "\n")
+    before = metrics.read_text()
+    with pytest.raises(ConfigError, match=rf"^{metrics}:2: not a JSON record \(damaged: mend or delete that line\)$"):
+        train(tiny_config(run_dir, shapes_dataset, "train.steps=7"))
+    assert metrics.read_text() == before
+
+
+def test_report_tells_runs_of_one_name_apart_skips_a_torn_line_and_says_when_there_is_nothing(tmp_path, shapes_dataset):
+    first = train(tiny_config(tmp_path / "a" / "run", shapes_dataset, "train.steps=2")).run_dir
+    second = train(tiny_config(tmp_path / "b" / "run", shapes_dataset, "train.steps=2")).run_dir
+    with open(second / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "lo')
+    done = cli("pixelflow", "report", first, second, "--out", tmp_path / "plots")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[0] == "runs: a/run, b/run"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    nothing = cli("pixelflow", "report", empty, "--out", tmp_path / "nothing")
+    assert nothing.returncode == 2
+    assert errors_in(nothing.stderr) == [
+        f"pixelflow: error: {empty}: no logged losses in metrics.jsonl: nothing to plot"
+    ]
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_an_export_never_shadows_checkpoints_and_replaces_an_export_only_when_forced(tmp_path, shapes_dataset):
+    from pixelflow.train.checkpoint import EXPORT_WEIGHTS
+
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
+    step = run_dir / "checkpoints" / "step_00000003"
+    (tmp_path / "file").write_text("a file")
+    hides = "a run directory or checkpoint folder: an export there would hide its checkpoints; export into a folder"
+    for destination, message in [
+        (run_dir, f"{hides} of its own"),
+        (step, f"{hides} of its own"),
+        (run_dir / "checkpoints", f"{hides} of its own"),
+        (tmp_path / "file", "a file, not a folder to export into"),
+    ]:
+        done = cli("pixelflow", "export", run_dir, destination)
+        assert done.returncode == 2 and errors_in(done.stderr) == [f"pixelflow: error: {destination}: {message}"]
+    assert not (run_dir / EXPORT_WEIGHTS).exists() and not (step / EXPORT_WEIGHTS).exists()
+    assert cli("pixelflow", "export", run_dir, tmp_path / "export").returncode == 0
+    again = cli("pixelflow", "export", run_dir, tmp_path / "export", "--weights", "model")
+    assert again.returncode == 2
+    assert errors_in(again.stderr) == [
+        f"pixelflow: error: {tmp_path / 'export'}: already holds an export; --force replaces it"
+    ]
+    forced = cli("pixelflow", "export", run_dir, tmp_path / "export", "--weights", "model", "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+
+
+def test_tracebacks_the_readme_promises_as_one_line(tmp_path, shapes_dataset, capsys):
+    """Each of these used to print a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    from pixelflow.train.checkpoint import export
+
+    run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=1", "checkpoint.every=1")).run_dir
+    out = ["--out", str(tmp_path / "grid.png"), "--steps", "1"]
+    no_config = export(run_dir, tmp_path / "no-config")
+    (no_config / "config.yaml").unlink()
+    misshapen = export(run_dir, tmp_path / "misshapen")
+    weights = load_file(misshapen / "model.safetensors")
+    weights["final.proj.weight"] = weights["final.proj.weight"][:, :3].contiguous()
+    save_file(weights, misshapen / "model.safetensors")
+    encoder = tmp_path / "t5-no-weights"
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")
+    (encoder / "tokenizer.json").write_text("{}")
+    tar = shapes_dataset / "shard-000000.tar"
+    cases = [
+        (["sample", "--checkpoint", str(no_config), *out], f"{no_config}: no config.yaml beside model.safetensors"),
+        (["sample", "--checkpoint", str(misshapen), *out], f"{misshapen}: tensor 'model/final.proj.weight' is "),
+        (
+            ["train", "configs/demo.yaml", *tiny_overrides(tmp_path / "ft", shapes_dataset, f"resume={misshapen}")],
+            f"{misshapen}: tensor 'model/final.proj.weight' is ",
+        ),
+        (
+            ["train", "configs/demo_t2i.yaml", f"run_dir={tmp_path / 't2i'}", f"data.path={shapes_dataset}"]
+            + [f"text.encoder={encoder}"],
+            f"text.encoder: {encoder}: no weights (model.safetensors or pytorch_model.bin, or their index)",
+        ),
+        (
+            ["train", "configs/demo.yaml", *tiny_overrides(tmp_path / "tar", tar)],
+            f"{tar}: a file, not a dataset: give the folder that holds manifest.json and the shards",
+        ),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        [line] = error_lines(capsys)
+        assert line.startswith(f"pixelflow: error: {message}"), line
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "tar").exists() and not (tmp_path / "t2i").exists()
+
+
+def test_a_prompt_file_that_is_not_a_regular_file_says_so(tmp_path):
+    import argparse
+
+    from pixelflow.cli import read_prompts
+
+    with pytest.raises(ConfigError, match=r"^--prompt-file /dev/null: not a regular file"):
+        read_prompts(argparse.Namespace(prompt=None, prompt_file="/dev/null"))
+    with pytest.raises(ConfigError, match=rf"^--prompt-file {tmp_path}/none: not found$"):
+        read_prompts(argparse.Namespace(prompt=None, prompt_file=str(tmp_path / "none")))
+
+
+def test_a_reader_that_closes_the_pipe_ends_a_command_quietly(tmp_path, shapes_dataset):
+    from tests.test_s3_data import photo, save
+
+    for i in range(3):
+        save(tmp_path / "in" / "c" / f"{i}.jpg", photo(i))
+    ingest = f"{sys.executable} -m data_tools ingest {tmp_path / 'in'} {tmp_path / 'out'} --min-size 16 --quiet"
+    command = ["bash", "-c", f'{ingest} | true; echo "status ${{PIPESTATUS[0]}}" >&2']  # `true` reads nothing
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "bug" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == "status 141"  # 128 + SIGPIPE, as the shell's own tools end
+    assert (tmp_path / "out" / "manifest.json").is_file()  # the work was done; only the report had no reader

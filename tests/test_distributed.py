@@ -226,3 +226,14 @@ def test_deepspeed_checkpoints_resume_exactly_and_sample(tmp_path, shapes_datase
         assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     model, cfg = load_for_sampling(split)
     assert generate(model, cfg, [0], 1, seed=0, steps_per_stage=2, cfg_scale=1.5).shape == (1, 3, 32, 32)
+
+
+def test_deepspeed_on_one_process_trains_like_fsdp_and_resumes_exactly(tmp_path, shapes_dataset):
+    """One process is a documented layout for every engine: DeepSpeed gets a process group of one rank."""
+    plain, whole, split = tmp_path / "plain", tmp_path / "whole", tmp_path / "split"
+    run(train_command(plain, shapes_dataset, 4), 1)
+    run(train_command(whole, shapes_dataset, 4, "engine=deepspeed"), 1)
+    run(train_command(split, shapes_dataset, 2, "engine=deepspeed"), 1)
+    run(train_command(split, shapes_dataset, 4, "engine=deepspeed"), 1)
+    assert_close(losses(whole), losses(plain), 1e-5, count=4)
+    assert losses(split) == losses(whole)

@@ -81,3 +81,90 @@ def test_eval_draws_exactly_n_images_once_each_on_any_number_of_ranks_and_resume
     assert 0 <= scores["class_accuracy"] <= 1
     assert abs(scores["fid"]) < 1e-3  # the reference holds the same images (in another order)
     assert len(written(tmp_path / "one")) == 5  # nothing drawn again
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, shapes_dataset):
+    """Two tiny runs of 2 steps with other seeds: two checkpoints of one model."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return [
+        train(tiny_config(root / f"run{seed}", shapes_dataset, "train.steps=2", f"seed={seed}")).run_dir
+        for seed in (0, 3)
+    ]
+
+
+def eval_cli(capsys, *options) -> tuple[int, list[str]]:
+    from pixelflow.cli import main
+
+    capsys.readouterr()
+    status = main(["eval", "--steps", "1", "--batch", "2", "--device", "cpu", *map(str, options)])
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("pixelflow")]
+
+
+def pngs(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
+
+
+def test_an_eval_folder_refuses_images_drawn_otherwise_and_redraws_them_when_asked(tmp_path, two_checkpoints, capsys):
+    first, second = two_checkpoints
+    out = tmp_path / "eval"
+    base = ["--out", out, "--images", 3, "--classes", 1, 2]
+    assert eval_cli(capsys, "--checkpoint", first, *base) == (0, [])
+    drawn = pngs(out)
+    changes = {
+        "checkpoint": ["--checkpoint", second],
+        "seed": ["--checkpoint", first, "--seed", 1],
+        "guidance_scale": ["--checkpoint", first, "--cfg", 1.5],
+        "classes": ["--checkpoint", first, "--classes", 4],
+        "batch": ["--checkpoint", first, "--batch", 3],
+    }
+    for key, change in changes.items():
+        options = base[:4] + (["--classes", 1, 2] if key != "classes" else []) + change
+        status, lines = eval_cli(capsys, *options)
+        assert status == 2 and lines == [
+            f"pixelflow: error: --out {out}: its images were drawn with another {key} (see eval.json); use another "
+            f"--out, or --redraw to draw them again"
+        ]
+        assert pngs(out) == drawn  # nothing drawn over them
+    assert eval_cli(capsys, "--checkpoint", second, *base, "--redraw") == (0, [])
+    assert pngs(out).keys() == drawn.keys() and pngs(out) != drawn
+    assert json.loads((out / "eval.json").read_text())["checkpoint"]["path"].startswith(str(second))
+
+
+def write_statistics(path, **changes) -> None:
+    arrays = {"mu": np.zeros(2048), "sigma": np.eye(2048), **changes}
+    np.savez(path, **arrays)
+
+
+def test_eval_options_and_scoring_inputs_are_checked_before_anything_is_drawn(
+    tmp_path, two_checkpoints, inception_file, capsys
+):
+    good, nan, misshapen = tmp_path / "good.npz", tmp_path / "nan.npz", tmp_path / "misshapen.npz"
+    write_statistics(good)
+    write_statistics(nan, mu=np.full(2048, np.nan))
+    write_statistics(misshapen, sigma=np.eye(2048)[:, :3])
+    (tmp_path / "file").write_text("a file")
+    fid = ["--inception-weights", inception_file]
+    cases = [
+        (["--cfg", "nan"], "--cfg nan: must be a finite number >= 0"),
+        (["--cfg", "-2"], "--cfg -2.0: must be a finite number >= 0"),
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+        (["--steps", "-1"], "--steps -1: must be at least 1"),
+        (["--images", "1", "--reference", good, *fid], "--images 1: FID needs at least 2 images"),
+        (["--reference", nan, *fid], f"--reference {nan}: mu holds values that are not finite numbers"),
+        (["--reference", misshapen, *fid], f"--reference {misshapen}: sigma is (2048, 3), not (2048, 2048)"),
+        (["--reference", tmp_path / "none.npz", *fid], f"--reference {tmp_path / 'none.npz'}: no such file"),
+        (
+            ["--reference", good, "--inception-weights", tmp_path / "none.pth"],
+            f"--inception-weights {tmp_path / 'none.pth'}: no such file (pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)",
+        ),
+        (["--classifier", tmp_path / "none.pt"], f"--classifier {tmp_path / 'none.pt'}: no such file"),
+        (["--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: a file, not a folder"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        options = ["--checkpoint", two_checkpoints[0], "--out", out, "--images", 2, *extra]
+        status, lines = eval_cli(capsys, *options)
+        assert status == 2 and len(lines) == 1 and lines[0].startswith(f"pixelflow: error: {message}"), lines
+        assert not out.exists()  # nothing made, nothing drawn

@@ -242,3 +242,30 @@ def test_array_eval_draws_the_images_one_process_draws(tmp_path, shapes_dataset,
     assert {record["rank"] for record in drawn} == {0, 1, 2}
     with np.load(tmp_path / "local" / "samples_7.npz") as one, np.load(tmp_path / "array" / "samples_7.npz") as array:
         assert np.array_equal(one["arr_0"], array["arr_0"]) and np.array_equal(one["labels"], array["labels"])
+
+
+def test_a_preempted_job_started_from_a_path_continues_from_its_own_checkpoint(tmp_path, shapes_dataset, slurm_cluster):
+    """resume=EXPORT names where the run starts: the requeued job continues from the run's own newest
+    checkpoint, not from the export at step 0, and metrics hold every step once."""
+    from pixelflow.train.checkpoint import export
+    from pixelflow.train.trainer import train
+    from tests.conftest import tiny_config
+
+    source = train(tiny_config(tmp_path / "source", shapes_dataset, "train.steps=2")).run_dir
+    weights = export(source, tmp_path / "export")
+    run_dir = tmp_path / "run"
+    steps = ["train.steps=120", "checkpoint.every=40", f"resume={weights}"]
+    job = submit(run_dir, shapes_dataset, *steps, "slurm.partition=low", "slurm.cpus_per_task=2")
+    wait_for(lambda: len(logged(run_dir)) >= 20, "step 20", 120)
+    subprocess.run(
+        ["sbatch", "--parsable", "-p", "high", "-n", "1", "-o", str(tmp_path / "high.out"), "--wrap", "sleep 5"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert wait_final(job, 240) == "COMPLETED"
+    [requeue] = requeues(run_dir)
+    log = "".join((run_dir / "slurm" / job / f"{job}_0_log.{kind}").read_text() for kind in ("out", "err"))
+    assert log.count(f"weights loaded from {weights} at step 0") == 1  # the first start only
+    assert f"resumed from {run_dir}/checkpoints/step_{requeue['step']:08d} at step {requeue['step']}" in log
+    assert [r["step"] for r in logged(run_dir)] == list(range(1, 121))

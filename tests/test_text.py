@@ -291,3 +291,26 @@ def test_text_units_of_one_sample_exchange_and_train_like_one_process(tmp_path, 
         run_ranks(["-m", "pixelflow", "train", "configs/demo_t2i.yaml", *overrides], procs)
         trajectories.append(losses(run_dir))
     assert len(trajectories[0]) == 3 and np.allclose(trajectories[1], trajectories[0], rtol=1e-5, atol=0)
+
+
+def test_embeddings_of_another_encoder_are_encoded_again_and_never_read_as_the_models(
+    tmp_path, shapes_dataset, text_encoder_dir
+):
+    from pixelflow.data.shard_format import ShardFormatError
+    from tests.conftest import cli
+
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(shapes_dataset, data)
+    done = cli("data_tools", "encode-text", data, "--encoder", text_encoder_dir, "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]  # a successful encode-text exits 0
+    assert json.loads(done.stdout) == {"shards": 6, "encoded": 6, "skipped": 0}
+    wider = tiny_text_encoder(str(data), str(tmp_path / "t5-32"), dim=32)
+    assert (encode_text(str(data), wider, progress=False).encoded, 6) == (6, 6)  # the fingerprint names the encoder
+    precomputed = ["text.mode=precomputed", "text.encoder=null"]
+    with pytest.raises(ConfigError, match=f"^model.text_dim = {TEXT_DIM} but the embeddings in .* are 32-wide tokens$"):
+        train(t2i(tmp_path / "run", data, text_encoder_dir, *precomputed))
+    encode_text(str(data), text_encoder_dir, part=(0, 2), progress=False)  # half the shards back to 16 wide
+    with pytest.raises(ShardFormatError, match=r"shard-00000[135]\.f16\.json: 32-wide embeddings, the model takes"):
+        train(t2i(tmp_path / "run", data, text_encoder_dir, *precomputed))

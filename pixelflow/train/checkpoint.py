@@ -405,13 +405,8 @@ class Checkpointer:
             for name in ("model", "ema"):
                 parts[name].load_state_dict(weights)
             return
-        saved = json.loads((source.path / STATE).read_text())
-        missing = [name for name in parts if name not in saved]
-        if missing:
-            raise CheckpointError(
-                f"{source.path}: written by another engine: it has no '{missing[0]}' state "
-                f"(it holds {', '.join(sorted(saved))}); resume it with the engine that wrote it"
-            )
+        saved = read_state(source.path)
+        check_parts(source.path, saved, list(parts))
         tensors, _ = split_tensors({name: part.state_dict() for name, part in parts.items()})
         reader = dcp.FileSystemReader(str(source.path))
         check_shapes(tensors, dcp_shapes(reader), source.path)
@@ -431,6 +426,16 @@ def _stall_if_asked(step: int) -> None:
     stall_step, _, seconds = os.environ.get("PIXELFLOW_TEST_STALL_COMMIT", "").partition(":")
     if stall_step and int(stall_step) == step:
         time.sleep(float(seconds))
+
+
+def check_parts(folder: Path, saved: dict, wanted: list[str]) -> None:
+    """One line when a step folder lacks a part this engine loads (another engine wrote it)."""
+    missing = [name for name in wanted if name not in saved]
+    if missing:
+        raise CheckpointError(
+            f"{folder}: written by another engine: it has no '{missing[0]}' state "
+            f"(it holds {', '.join(sorted(saved))}); resume it with the engine that wrote it"
+        )
 
 
 def dcp_shapes(reader: dcp.FileSystemReader) -> dict[str, list[int]]:

@@ -71,6 +71,8 @@ class InputsAs(torch.nn.Module):
 
 
 class DeepSpeedEngine:
+    PARTS = ("model", "ema", "deepspeed")  # of checkpoint_parts()
+
     def __init__(self, cfg: Config, world: World):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if world.device.type == "cuda" else "cpu")
         import deepspeed

@@ -54,6 +54,8 @@ def initial_model(cfg: Config) -> PixelFlowTransformer:
 
 
 class FsdpEngine:
+    PARTS = ("model", "ema", "optimizer", "lr_schedule")  # of checkpoint_parts()
+
     def __init__(self, cfg: Config, world: World):
         self.world, self.grad_clip = world, cfg.train.grad_clip
         self.model = parallelize(initial_model(cfg).to(world.device), cfg, world.device, world)
@@ -121,6 +123,15 @@ class OptimizerPart:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+def checkpoint_part_names(engine: str) -> list[str]:
+    """The parts a training checkpoint of this engine holds (the trainer adds its progress, `train`)."""
+    if engine == "deepspeed":
+        from pixelflow.train.deepspeed_engine import DeepSpeedEngine
+
+        return [*DeepSpeedEngine.PARTS, "train"]
+    return [*FsdpEngine.PARTS, "train"]
 
 
 def build_engine(cfg: Config, world: World) -> Engine:

@@ -18,7 +18,8 @@ from pathlib import Path
 from pixelflow.config import Config, ConfigError
 from pixelflow.data.loader import open_dataset
 from pixelflow.data.storage import storage_options
-from pixelflow.train.checkpoint import CheckpointError, check_weights_fit, source_config
+from pixelflow.train.checkpoint import check_parts, check_weights_fit, read_state
+from pixelflow.train.engine import checkpoint_part_names
 from pixelflow.train.run_directory import RunLock, StartPlan, config_changes, plan_start
 from pixelflow.train.text_conditioning import check_text_source
 
@@ -44,12 +45,8 @@ def preflight(cfg: Config, lock: RunLock | None = None, checksums: bool = True) 
         RunLock(run_dir).check_free()
     plan = plan_start(cfg, checksums)
     if plan.source is not None:
-        saved = source_config(plan.source)
-        if plan.source.full and saved.engine != cfg.engine:
-            raise CheckpointError(
-                f"{plan.source.path}: written by engine={saved.engine}; resume it with engine={saved.engine}, or "
-                f"fine-tune from `pixelflow export` of it (weights only)"
-            )
+        if plan.source.full:
+            check_parts(plan.source.path, read_state(plan.source.path), checkpoint_part_names(cfg.engine))
         check_weights_fit(plan.source, cfg.model)
         plan = dataclasses.replace(plan, changes=config_changes(cfg, plan))
     if cfg.model.text_dim:

@@ -5,6 +5,7 @@ continues exactly as an uninterrupted one would, and a global batch trains the s
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from contextlib import ExitStack
@@ -370,25 +371,28 @@ def text_payload(cfg: Config) -> str:
 
 
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def peer_failure(exc: Exception, cfg: Config, world: World) -> RunFailure | None:
-    """A collective that failed because another rank died or hung, as one line (None: something else)."""
+def outside_failure(exc: Exception, cfg: Config, world: World) -> RunFailure | None:
+    """A failure from outside the run as one line: another rank died or hung (a collective failed), or the
+    run directory's storage is full or read-only. None: something else (a bug's traceback follows)."""
+    committed = committed_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    newest = f"the newest committed checkpoint is {committed[-1].name}" if committed else "no checkpoint was committed"
+    rerun = f"{newest}: run the same command again to resume"
+    if isinstance(exc, OSError) and exc.errno in STORAGE_FULL:
+        return RunFailure(f"{exc.filename or cfg.run_dir}: {exc.strerror}; {rerun}")
     text = str(exc)
     if not world.distributed or not isinstance(exc, RuntimeError):
         return None
-    committed = committed_checkpoints(Path(cfg.run_dir) / "checkpoints")
-    newest = f"the newest committed checkpoint is {committed[-1].name}" if committed else "no checkpoint was committed"
     if "Timed out" in text or "timed out" in text:
         return RunFailure(
             f"rank {world.rank}: a collective waited longer than train.collective_timeout_s = "
-            f"{cfg.train.collective_timeout_s:g} s for another rank (hung, stopped or too slow?); {newest}: run "
-            f"the same command again to resume"
+            f"{cfg.train.collective_timeout_s:g} s for another rank (hung, stopped or too slow?); {rerun}"
         )
     if any(marker in text for marker in PEER_LOST):
         return RunFailure(
-            f"rank {world.rank}: lost the connection to another rank (it died: its log says why); {newest}: run "
-            f"the same command again to resume"
+            f"rank {world.rank}: lost the connection to another rank (it died: its log says why); {rerun}"
         )
     return None
 
@@ -402,8 +406,8 @@ def train(cfg: Config) -> RunResult:
         result = _train(cfg, world)
         clean = True
         return result
-    except RuntimeError as exc:
-        failure = peer_failure(exc, cfg, world)
+    except (RuntimeError, OSError) as exc:
+        failure = outside_failure(exc, cfg, world)
         if failure is None:
             raise
         raise failure from exc
