@@ -146,7 +146,7 @@ def test_torchrun_cli_writes_the_layout_one_process_writes_and_resumes_exactly(t
         f"checkpoints/step_0000000{step}/{name}"
         for step in (2, 4)
         for name in (".metadata", "__0_0.distcp", "config.yaml", "manifest.json", "state.json")
-    ] + ["config.yaml", "metrics.jsonl"]
+    ] + [".lock", "config.yaml", "metrics.jsonl"]
     assert files(single) == sorted(expected)
     assert files(double) == sorted(
         expected + ["checkpoints/step_00000002/__1_0.distcp", "checkpoints/step_00000004/__1_0.distcp"]
