@@ -64,9 +64,10 @@ def main() -> None:
     engine = build_engine(cfg, world)
     plan = plan_step(plan_settings(cfg, world.dp_size), 1)
     local = len(plan.samples_of(world.dp_rank))
-    images = torch.randint(0, 256, (local, 3, cfg.data.resolution, cfg.data.resolution), dtype=torch.uint8)
+    side, device = cfg.data.resolution, world.device  # the step's inputs live where it runs
+    images = torch.randint(0, 256, (local, 3, side, side), dtype=torch.uint8, device=device)
     schedule = CascadeSchedule.build(cfg.cascade.stages)
-    train_step(engine, images, torch.zeros(local, dtype=torch.long), plan, 1, cfg, schedule, world)
+    train_step(engine, images, torch.zeros(local, dtype=torch.long, device=device), plan, 1, cfg, schedule, world)
     parts = {**engine.checkpoint_parts(), "train": FixedProgress()}
     parameters = sum(p.numel() for p in engine.model.parameters())
     if world.distributed:  # parameters() are this rank's shards under FSDP2

@@ -252,7 +252,7 @@ def sample(
     labels: torch.Tensor | None,
     count: int,
     resolution: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     steps_per_stage: int | Sequence[int] = 30,
     guidance: Sequence[float] | None = None,
     null_class: int = 0,
@@ -268,12 +268,20 @@ def sample(
     adaptive dopri5 (torchdiffeq, atol 1e-6, rtol 1e-3, as the reference). Between stages: nearest 2x
     upsample, then renoise with correlated block noise. All per-step work stays on the device.
     on_steps(n) is told of every n solver steps done (a progress bar; a dopri5 stage counts as steps_per_stage).
+    `generator` may be one per image: each image's noise is then the noise it gets sampled alone.
     """
-    device = generator.device
+    generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    device = generators[0].device
+
+    def noise(draw: Callable, shape: Sequence[int]) -> torch.Tensor:
+        if len(generators) == 1:
+            return draw(shape, generators[0])
+        return torch.cat([draw((1, *shape[1:]), own) for own in generators])
+
     steps = [steps_per_stage] * schedule.stages if isinstance(steps_per_stage, int) else list(steps_per_stage)
     guidance = list(guidance) if guidance is not None else [1.0] * schedule.stages
     side = schedule.side(resolution, 0)
-    x = torch.randn((count, channels, side, side), generator=generator, device=device)
+    x = noise(lambda shape, own: torch.randn(shape, generator=own, device=device), (count, channels, side, side))
     both_labels = None if labels is None else torch.cat([torch.full_like(labels, null_class), labels]).to(device)
     labels = None if labels is None else labels.to(device)
 
@@ -289,7 +297,7 @@ def sample(
             alpha = renoise_scale(t0, schedule.gamma)
             beta = alpha * (1.0 - t0) / math.sqrt(-schedule.gamma)
             x = double(x)
-            x = alpha * x + beta * block_noise(x.shape, schedule.gamma, generator, device)
+            x = alpha * x + beta * noise(lambda shape, own: block_noise(shape, schedule.gamma, own, device), x.shape)
         if solver == "dopri5":
             x = _dopri5_stage(guided, x, schedule, stage, guidance[stage])
             if on_steps:

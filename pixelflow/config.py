@@ -118,7 +118,10 @@ class ParallelConfig:
     dp_shard: int = 0  # ranks each replica's parameters are sharded over; 0 = all the rest
     sp: int = 1  # Ulysses sequence parallel: ranks sharing one packed micro-batch (must divide num_heads)
     tp: int = 1  # tensor parallel (megatron-core layers): ranks splitting every block's heads and MLP
-    compile: bool = False  # torch.compile every transformer block
+    compile: bool | None = None  # torch.compile every transformer block; None = on CUDA (the fsdp engine, tp 1)
+    compile_mode: str = "default"  # torch.compile's mode: default | max-autotune-no-cudagraphs (slower to build)
+    float8: bool = False  # FP8 matmuls in the blocks' linear layers (torchao float8 training; GPUs with FP8)
+    backend: str = "auto"  # collectives: auto (nccl on CUDA, gloo on CPU) | gloo (e.g. ranks sharing one GPU)
     activation_checkpointing: str = "none"  # none | full | every_<k> (every k-th block)
 
 
@@ -264,6 +267,17 @@ def guidance_problem(scale: float) -> str | None:
     return None if math.isfinite(scale) and scale >= 0 else "must be a finite number >= 0"
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # CUDA graphs need static shapes; stages vary
+
+
+def compile_enabled(cfg: Config, device_type: str) -> bool:
+    """parallel.compile, or its default: compiled on CUDA where the path is known to compile (the fsdp
+    engine without tensor parallel), eager elsewhere."""
+    if cfg.parallel.compile is not None:
+        return cfg.parallel.compile
+    return device_type == "cuda" and cfg.engine == "fsdp" and cfg.parallel.tp == 1
+
+
 def micro_tokens(cfg: Config) -> int:
     """Tokens one rank may hold in a micro-batch (train.micro_tokens, else micro_batch full-resolution
     samples' worth); 0 = no limit."""
@@ -387,6 +401,21 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             cfg.engine != "deepspeed" or (cfg.parallel.sp == cfg.parallel.tp == cfg.parallel.dp_replicate == 1),
             "engine",
             "= deepspeed runs ZeRO-3 data parallel only (parallel.sp, tp and dp_replicate must be 1)",
+        ),
+        (
+            cfg.parallel.compile_mode in COMPILE_MODES,
+            "parallel.compile_mode",
+            f"= '{cfg.parallel.compile_mode}' must be one of {', '.join(COMPILE_MODES)}",
+        ),
+        (
+            cfg.parallel.backend in ("auto", "nccl", "gloo"),
+            "parallel.backend",
+            f"= '{cfg.parallel.backend}' must be auto, nccl or gloo",
+        ),
+        (
+            not cfg.parallel.float8 or (cfg.engine == "fsdp" and cfg.parallel.tp == 1),
+            "parallel.float8",
+            "= true runs with the fsdp engine and parallel.tp = 1 (megatron-core's layers are not torchao's)",
         ),
         (
             re.fullmatch(r"none|full|every_[1-9]\d*", cfg.parallel.activation_checkpointing) is not None,

@@ -70,7 +70,7 @@ def generate(
     cfg: Config,
     labels: list[int] | None,
     count: int,
-    seed: int,
+    seed: int | list[int],
     steps_per_stage: int,
     cfg_scale: float,
     device: torch.device | str = "cpu",
@@ -83,7 +83,8 @@ def generate(
     sampler keeps its state in float32). Class models ramp guidance up over the stages (the paper's
     schedule); text models guide with a constant scale, as the official text-to-image pipeline does."""
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    seeds = [seed] if isinstance(seed, int) else seed  # one per image: each gets the noise it gets alone
+    generator = [torch.Generator(device=device).manual_seed(one) for one in seeds]
     dtype = next(model.parameters()).dtype
     if prompts is not None:  # conditions are indices into the prompts; -1 is the negative prompt
         ramp = cfg.sample.cfg_ramp or [1.0] * schedule.stages

@@ -601,3 +601,14 @@ def test_a_reader_that_closes_the_pipe_ends_a_command_quietly(tmp_path, shapes_d
     assert "bug" not in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1] == "status 141"  # 128 + SIGPIPE, as the shell's own tools end
     assert (tmp_path / "out" / "manifest.json").is_file()  # the work was done; only the report had no reader
+
+
+def test_a_run_diverging_between_log_lines_stops_at_the_next_one_naming_the_first_bad_step(tmp_path, shapes_dataset):
+    """The finiteness check waits on the device only where the loop syncs anyway (log, grid, save): the
+    run stops there, naming the step that diverged, with no non-finite line logged and nothing saved."""
+    overrides = ["train.lr=1e30", "train.warmup_steps=0", "train.log_every=4", "checkpoint.every=4"]
+    with pytest.raises(NonFiniteError, match=r"^step 2: the loss or gradient is not finite \(grad norm nan\)"):
+        train(tiny_config(tmp_path / "run", shapes_dataset, *overrides))
+    assert committed_checkpoints(tmp_path / "run" / "checkpoints") == []
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and math.isfinite(records[0]["loss"])

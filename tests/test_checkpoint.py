@@ -197,3 +197,37 @@ def test_older_single_file_checkpoints_sample_and_convert_to_resume_exactly(tmp_
     assert converted.returncode == 0, converted.stderr
     train(tiny_config(run_dir, shapes_dataset, "train.steps=9"))
     assert losses(run_dir) == losses(nine_steps)
+
+
+def test_async_saves_name_their_staging_options_and_fall_back_to_sync_without_them(
+    tmp_path, shapes_dataset, monkeypatch, caplog
+):
+    """DCP's staging API is young (torch 2.11 on the GPU image, 2.13 here): options are passed by name, and
+    a torch whose StagingOptions lacks one saves synchronously with a warning instead of failing the run."""
+    import dataclasses
+
+    import torch.distributed.checkpoint.staging as staging
+
+    from pixelflow.train.checkpoint import background_stager
+
+    stager = background_stager(torch.device("cpu"))
+    assert stager is not None
+    assert dataclasses.asdict(stager._config) == {
+        "use_pinned_memory": False,
+        "use_shared_memory": False,
+        "use_async_staging": False,
+        "use_non_blocking_copy": False,
+    }
+    stager.close()
+
+    @dataclasses.dataclass
+    class OlderOptions:  # a release whose options are spelled otherwise
+        use_pinned_memory: bool = True
+        use_async_staging: bool = True
+
+    monkeypatch.setattr(staging, "StagingOptions", OlderOptions)
+    cfg = tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3", "checkpoint.async_save=true")
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg)
+    assert [p.name for p in committed_checkpoints(result.run_dir / "checkpoints")] == ["step_00000003"]
+    assert "no usable DefaultStager" in caplog.text and "saving synchronously" in caplog.text

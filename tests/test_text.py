@@ -121,6 +121,7 @@ def test_caption_dropout_follows_each_samples_own_draw():
         torch.zeros(1, 1, TEXT_DIM),
         torch.ones(1, 1, dtype=torch.long),
         dropout=0.25,
+        max_tokens=16,
     )
     embedded, mask = text.micro_batch(torch.tensor(pairs.order), pairs.draws)
     dropped = (mask.sum(1) == 1) & (embedded[:, 0].abs().sum(1) == 0)
@@ -314,3 +315,34 @@ def test_embeddings_of_another_encoder_are_encoded_again_and_never_read_as_the_m
     encode_text(str(data), text_encoder_dir, part=(0, 2), progress=False)  # half the shards back to 16 wide
     with pytest.raises(ShardFormatError, match=r"shard-00000[135]\.f16\.json: 32-wide embeddings, the model takes"):
         train(t2i(tmp_path / "run", data, text_encoder_dir, *precomputed))
+
+
+def test_a_compiled_text_model_builds_few_graphs_however_caption_lengths_vary():
+    """50 steps of captions from 1 to 60 tokens through UnitText and a compiled model (dynamo counting
+    frames, no codegen): graphs are bounded by the length buckets, not by the distinct longest captions."""
+    from torch._dynamo.testing import CompileCounter
+
+    from pixelflow.parallel.parallelize import apply_compile
+
+    torch._dynamo.reset()
+    cfg = ModelConfig(depth=2, num_heads=2, head_dim=8, patch_size=2, num_classes=0, text_dim=TEXT_DIM)
+    model = PixelFlowTransformer(cfg).eval()
+    counter = CompileCounter()
+    apply_compile(model, backend=counter)
+    layout = PackedLayout.from_sides([8, 8])
+    tokens = torch.randn(layout.num_tokens, 3 * 2 * 2)
+    generator = torch.Generator().manual_seed(0)
+    longest = set()
+    with torch.no_grad():
+        for _ in range(50):
+            lengths = torch.randint(1, 61, (2,), generator=generator)
+            longest.add(int(lengths.max()))
+            embeddings = torch.randn(2, int(lengths.max()), TEXT_DIM)
+            mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+            text = UnitText(embeddings, mask, torch.zeros(1, 1, TEXT_DIM), torch.ones(1, 1), 0.0, max_tokens=64)
+            caption, caption_mask = text.micro_batch(torch.arange(2), torch.ones(2))
+            model(tokens, layout, torch.full((2,), 500.0), text=caption, text_mask=caption_mask)
+    buckets = {8, 16, 32, 64}
+    assert len(longest) > 2 * len(buckets)  # padding to the longest caption would compile this many graphs
+    assert 0 < counter.frame_count <= 2 * len(buckets)  # one graph per bucket (per block at most)
+    torch._dynamo.reset()

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -191,3 +192,39 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr_at_the_last_step():
     assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
     cfg.lr_schedule = "constant"
     assert build_optimizer(torch.nn.Linear(2, 2), cfg)[0].param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_the_step_refuses_inputs_on_another_device(tmp_path, shapes_dataset):
+    """The checkpoint benchmark once handed CPU images to a CUDA step; the step names the mismatch at once."""
+    from pixelflow.cascade import CascadeSchedule
+    from pixelflow.data.planner import plan_settings, plan_step
+    from pixelflow.parallel.world import World
+    from pixelflow.train.engine import build_engine
+    from pixelflow.train.trainer import train_step
+
+    cfg = tiny_config(tmp_path, shapes_dataset)
+    world = World(0, 1, torch.device("cpu"))
+    plan = plan_step(plan_settings(cfg, 1), 1)
+    images = torch.zeros((8, 3, 32, 32), dtype=torch.uint8, device="meta")
+    labels = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match="images on meta and labels on cpu, but the step runs on cpu"):
+        train_step(build_engine(cfg, world), images, labels, plan, 1, cfg, CascadeSchedule.build(4), world)
+
+
+def test_the_periodic_grid_samples_its_images_in_one_batch_as_each_alone(tmp_path, shapes_dataset):
+    """One batched call draws every image with its own seed's noise: the grid equals one call per image."""
+    from pixelflow.generate import generate
+    from pixelflow.model import PixelFlowTransformer
+    from pixelflow.parallel.world import World
+    from pixelflow.train.samples import PeriodicSamples
+
+    cfg = tiny_config(tmp_path, shapes_dataset, "sample.every=1", "sample.count=3", "sample.steps_per_stage=2")
+    torch.manual_seed(3)
+    model = PixelFlowTransformer(cfg.model).eval()
+    grid = PeriodicSamples(cfg, World(0, 1, torch.device("cpu")), tmp_path).write(1, model.state_dict())
+    alone = [generate(model, cfg, [i], 1, cfg.seed + i, 2, cfg.sample.cfg)[0] for i in range(3)]
+    pixels = np.asarray(Image.open(grid)).astype(int)
+    for i, image in enumerate(alone):
+        top, left = 2 + (i // 2) * 34, 2 + (i % 2) * 34
+        tile = pixels[top : top + 32, left : left + 32].transpose(2, 0, 1)
+        assert np.abs(tile - image.numpy().astype(int)).max() <= 1  # batched matmuls may round a level apart

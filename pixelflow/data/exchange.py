@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from pixelflow.data.loader import ReadShare
 from pixelflow.data.planner import StepPlan
+from pixelflow.model.layout import to_device
 
 LABEL_BYTES = 8  # an int64 label travels as 8 uint8 columns after the image's
 
@@ -46,7 +47,7 @@ def exchange(
     rows = torch.cat(columns, dim=1)
     destination = plan.units[share.slots]
     order = np.argsort(destination, kind="stable")
-    send = rows[torch.from_numpy(order)].to(device, non_blocking=True)
+    send = to_device(rows[torch.from_numpy(order)], device)  # pinned: the host does not wait for the copy
     send_sizes = np.bincount(destination, minlength=plan.settings.units).tolist()
     mine = plan.samples_of(unit)
     sources = readers[mine]
@@ -55,7 +56,7 @@ def exchange(
     dist.all_to_all_single(received, send, receive_sizes, send_sizes, group=group)
     # rows arrive grouped by source rank, each group by slot: put them back in slot order
     arrival = mine[np.argsort(sources, kind="stable")]
-    back = torch.from_numpy(np.argsort(arrival, kind="stable")).to(device)
+    back = to_device(torch.from_numpy(np.argsort(arrival, kind="stable")), device)
     received = received[back]
     pixels = flat.shape[1]
     images = received[:, :pixels].reshape(len(mine), *shape)

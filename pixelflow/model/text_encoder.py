@@ -4,7 +4,9 @@ It is loaded with transformers from a local directory (a saved model or a hub ca
 encoder weights and its tokenizer); nothing is ever downloaded. It is outside the optimizer, the EMA and
 checkpoints, runs without gradients (bf16 on CUDA, float32 on CPU), and can be FSDP-sharded over the data
 ranks (`text.shard_encoder`) instead of replicated. Captions are padded to the longest in each call, not to
-`max_tokens`: padded positions are masked in cross-attention and zeroed here, so they change nothing.
+`max_tokens`: padded positions are masked in cross-attention and zeroed here, so they change nothing. The
+trainer pads each step's captions further, to a length bucket (`bucket_length`), so that a compiled model
+builds a few graphs instead of one per longest caption.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ def pad_tokens(text: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[tor
     """(B, L, D) embeddings and (B, L) mask padded with masked zeros to `length` tokens."""
     extra = length - text.shape[1]
     return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+
+def bucket_length(length: int, max_tokens: int) -> int:
+    """The padded length of captions whose longest has `length` tokens: the next power of two from 8 on,
+    capped at max_tokens (at most log2(max_tokens) - 1 lengths, so as many compiled graphs per layout)."""
+    bucket = max(8, 1 << max(length - 1, 0).bit_length())
+    return max(length, min(bucket, max_tokens))
 
 
 WEIGHT_FILES = (

@@ -1,10 +1,10 @@
 """`parallelize(model, cfg, device, world)`: everything that changes how the model runs, not what it computes.
 
 A short sequence of steps, each in its own function, applied from outside the model in torchtitan's
-order: the attention kernel, tensor parallel (megatron-core layers), Ulysses sequence parallel around the
-kernel, activation checkpointing, torch.compile per block, then FSDP2 (`fully_shard` per block and at the
-root over the mesh's `fsdp` view; HSDP when dp_replicate > 1; bf16 parameters with float32 gradient
-reduction on CUDA). Parameter names stay as they were, so checkpoints, EMA and sampling see the plain
+order: the attention kernel, FP8 linear layers (torchao), tensor parallel (megatron-core layers), Ulysses
+sequence parallel around the kernel, activation checkpointing, torch.compile per block, then FSDP2
+(`fully_shard` per block and at the root over the mesh's `fsdp` view; HSDP when dp_replicate > 1; bf16
+parameters with float32 gradient reduction on CUDA). Parameter names stay as they were, so checkpoints, EMA and sampling see the plain
 model's names; tensor parallelism leaves its plan on the model (`model.tensor_parallel`) for checkpoints.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixelflow.config import Config
+from pixelflow.config import Config, ConfigError, compile_enabled
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.attention import SelfAttention, set_attention_backend
 from pixelflow.parallel.ulysses import UlyssesAttention
@@ -28,13 +28,15 @@ def parallelize(
 ) -> PixelFlowTransformer:
     """Prepare a model (already on its device) for training or sampling according to cfg."""
     apply_attention_kernel(model, cfg.model.attention, device.type)
+    if cfg.parallel.float8:
+        apply_float8(model, device)
     if world is not None and world.tp > 1:
         apply_tensor_parallel(model, world)
     if world is not None and world.sp > 1:
         apply_ulysses(model, world)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
-    if cfg.parallel.compile:
-        apply_compile(model)
+    if compile_enabled(cfg, device.type):
+        apply_compile(model, cfg.parallel.compile_mode)
     if world is not None and world.distributed and cfg.engine == "fsdp":
         apply_fsdp(model, world, device)
     return model
@@ -76,10 +78,41 @@ def apply_activation_checkpointing(model: PixelFlowTransformer, mode: str) -> No
         block.forward = recomputed
 
 
-def apply_compile(model: PixelFlowTransformer) -> None:
+def float8_problem(device: torch.device) -> str | None:
+    """Why FP8 training cannot run here, or None."""
+    if device.type != "cuda":
+        return f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; this run is on {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return f"FP8 matmuls need compute capability 8.9 or newer; {name} is {capability[0]}.{capability[1]}"
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "needs torchao (pip install torchao), which is not installed"
+    return None
+
+
+def apply_float8(model: PixelFlowTransformer, device: torch.device) -> None:
+    """The blocks' linear layers as torchao Float8Linear (dynamic tensorwise scaling); the embeddings and
+    the final layer stay in bf16, as torchtitan keeps its output layer."""
+    problem = float8_problem(device)
+    if problem:
+        raise ConfigError(f"parallel.float8: {problem}")
+    from torchao.float8 import convert_to_float8_training
+
+    def in_a_block(module: nn.Module, name: str) -> bool:
+        usable = isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        return usable and name.startswith("blocks.")
+
+    convert_to_float8_training(model, module_filter_fn=in_a_block)
+
+
+def apply_compile(model: PixelFlowTransformer, mode: str = "default", backend: str = "inductor") -> None:
+    """torch.compile each block, one graph per micro-batch layout (and caption length bucket)."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in model.blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, backend=backend, mode=None if mode == "default" else mode)
 
 
 def apply_fsdp(model: PixelFlowTransformer, world: World, device: torch.device) -> None:

@@ -217,6 +217,27 @@ class ResumeSource:
     full: bool  # True: the whole training state (a step folder); False: weights only (export, old file)
 
 
+def background_stager(device: torch.device):
+    """DCP's stager for async saves: host copies made once and reused (pinned for CUDA, copied without
+    blocking), or None, saving synchronously, where this torch lacks the API (it is young: its options
+    have changed between releases; keywords keep a reordering from silently swapping them)."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        pinned = device.type == "cuda"
+        options = StagingOptions(
+            use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=pinned
+        )
+        return DefaultStager(options)
+    except (ImportError, TypeError) as exc:
+        log.warning(
+            "checkpoint.async_save: torch %s has no usable DefaultStager (%s): saving synchronously",
+            torch.__version__,
+            exc,
+        )
+        return None
+
+
 class Checkpointer:
     """Saves and loads the parts of one run, from every rank together."""
 
@@ -226,12 +247,7 @@ class Checkpointer:
         use_async = cfg.async_save if cfg.async_save is not None else world.device.type == "cuda"
         # a group of its own: the background thread's collectives must not interleave with training's
         self.group = world.group() if world.distributed else None
-        self.stager = None
-        if use_async:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            pinned = world.device.type == "cuda"
-            self.stager = DefaultStager(StagingOptions(pinned, False, False, pinned))  # reuses its buffers
+        self.stager = background_stager(world.device) if use_async else None
         self._thread: threading.Thread | None = None
         self._saving = 0  # the step of the save in flight
         self._error: CheckpointSaveError | None = None

@@ -111,8 +111,9 @@ class DeepSpeedEngine:
         if last:
             self.engine.step()
 
-    def step(self) -> torch.Tensor:
-        """DeepSpeed already stepped (and advanced the schedule) at the last micro-batch; record and EMA."""
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor:
+        """DeepSpeed already stepped (and advanced the schedule) at the last micro-batch, whatever
+        skip_nonfinite says; record and EMA."""
         self.last_lr, self._next_lr = self._next_lr, self.lr_schedule.get_last_lr()[0]
         norm = self.engine.get_global_grad_norm()
         self.ema.update()

@@ -40,7 +40,7 @@ class Engine(Protocol):
         """Accumulate one micro-batch's gradients; `last` marks the step's final micro-batch."""
         ...
 
-    def step(self) -> torch.Tensor: ...
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor: ...
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """Objects with state_dict()/load_state_dict(): model, ema, optimizer, ... (see train/checkpoint.py)."""
@@ -68,16 +68,17 @@ class FsdpEngine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
-    def step(self) -> torch.Tensor:
+    def step(self, skip_nonfinite: bool = False) -> torch.Tensor:
         """Clip (over the sharded norm), step, advance the LR schedule and the EMA; returns the grad norm.
-        A non-finite norm (NaN/inf loss or gradient) is never applied: that costs one host sync per step."""
+        skip_nonfinite: a non-finite norm (NaN/inf loss or gradient) is not applied, at one host sync per
+        step; otherwise the step never waits for the device (the trainer stops before anything is saved)."""
         if self.tensor_parallel is not None:
             norm = clip_grad_norm(self.model, self.grad_clip, self.tensor_parallel)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        if torch.isfinite(norm):
+        if not skip_nonfinite or torch.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_lr = self.lr_schedule.get_last_lr()[0]

@@ -1,10 +1,10 @@
 """Periodic sample grids during training (`sample.every`): fixed seeds and classes (or prompts), from the
 EMA weights, so grids of different steps and runs compare.
 
-Every rank gathers the full EMA weights (the checkpoint's collective) into a plain model, samples every
-world-size-th image of the grid, one image per call with its own seed (so the grid is the same on any
-layout), and rank 0 gathers the images and writes `samples/step_NNNNNNNN.png` (and logs it to wandb).
-Training waits only for the sampling itself.
+Every rank gathers the full EMA weights (the checkpoint's collective) into a plain model (bf16 on CUDA, as
+`pixelflow sample` runs), samples every world-size-th image of the grid in one batch, each image with the
+noise of its own seed (so the grid is the same on any layout), and rank 0 gathers the images and writes
+`samples/step_NNNNNNNN.png` (and logs it to wandb). Training waits only for the sampling itself.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class PeriodicSamples:
         device = self.world.device
         full = {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in ema_state.items()}
         if self.model is None:
-            self.model = PixelFlowTransformer(self.cfg.model).to(device).eval()
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            self.model = PixelFlowTransformer(self.cfg.model).to(device=device, dtype=dtype).eval()
             set_attention_backend(self.model, self.cfg.model.attention, device.type)
         self.model.load_state_dict({name: t.to(device) for name, t in full.items()})
         mine = list(range(self.world.rank, self.cfg.sample.count, self.world.size))
@@ -47,26 +48,24 @@ class PeriodicSamples:
         prompts = None
         if self.encoder is not None:  # every rank encodes every prompt: a sharded encoder needs them in step
             prompts = Prompts.encode(self.encoder, self.prompts)
-        with torch.no_grad():
-            for index in mine:
-                labels = [self.labels[index]] if self.labels is not None else None
-                one = None
-                if prompts is not None:
-                    rows = slice(index, index + 1)
-                    one = Prompts(prompts.text[rows], prompts.mask[rows], prompts.negative, prompts.negative_mask)
-                sampled = generate(
+        if mine:
+            labels = [self.labels[index] for index in mine] if self.labels is not None else None
+            if prompts is not None:
+                rows = torch.tensor(mine)
+                prompts = Prompts(prompts.text[rows], prompts.mask[rows], prompts.negative, prompts.negative_mask)
+            with torch.no_grad():
+                images[mine] = generate(
                     self.model,
                     self.cfg,
                     labels,
-                    1,
-                    self.cfg.seed + index,
+                    len(mine),
+                    [self.cfg.seed + index for index in mine],
                     self.cfg.sample.steps_per_stage,
                     self.cfg.sample.cfg,
                     device,
                     self.cfg.sample.solver,
-                    one,
+                    prompts,
                 )
-                images[index] = sampled[0]
         if self.world.distributed:
             gathered = images.to(device=device, dtype=torch.int32)
             dist.all_reduce(gathered)  # every image was written by exactly one rank, zero elsewhere

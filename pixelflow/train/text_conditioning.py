@@ -13,13 +13,14 @@ import torch
 from pixelflow.config import Config, ConfigError
 from pixelflow.data.storage import filesystem, storage_options
 from pixelflow.data.text_store import embeddings_location, read_info
-from pixelflow.model.text_encoder import check_encoder_path, pad_tokens
+from pixelflow.model.text_encoder import bucket_length, check_encoder_path, pad_tokens
 from pixelflow.parallel.world import World
 
 
 class UnitText:
-    """The text side of one unit's samples for one step, padded once to one length with the empty caption,
-    so that a micro-batch's text is two gathers and a select: no host sync in the step."""
+    """The text side of one unit's samples for one step, padded once to one bucketed length (see
+    bucket_length: a compiled model sees few caption lengths) with the empty caption, so that a
+    micro-batch's text is two gathers and a select: no host sync in the step."""
 
     def __init__(
         self,
@@ -28,8 +29,10 @@ class UnitText:
         empty: torch.Tensor,
         empty_mask: torch.Tensor,
         dropout: float,
+        *,
+        max_tokens: int,
     ):
-        length = max(embeddings.shape[1], empty.shape[1])
+        length = bucket_length(max(embeddings.shape[1], empty.shape[1]), max_tokens)
         self.embeddings, self.mask = pad_tokens(embeddings, mask, length)  # (n, L, D) zero at padding, (n, L)
         self.empty, self.empty_mask = pad_tokens(empty, empty_mask, length)  # (1, L, D), (1, L)
         self.dropout = dropout
@@ -70,6 +73,7 @@ def check_text_source(cfg: Config) -> None:
 class TextConditioner:
     def __init__(self, cfg: Config, world: World):
         self.device, self.dropout, self.encoder = world.device, cfg.text.dropout, None
+        self.max_tokens = cfg.text.max_tokens
         if cfg.text.mode == "online":
             from pixelflow.model.text_encoder import TextEncoder
 
@@ -103,4 +107,4 @@ class TextConditioner:
                 embeddings[row, : len(array)] = torch.from_numpy(array.astype(np.float32))
                 mask[row, : len(array)] = 1
             embeddings, mask = embeddings.to(self.device), mask.to(self.device)
-        return UnitText(embeddings, mask, self.empty, self.empty_mask, self.dropout)
+        return UnitText(embeddings, mask, self.empty, self.empty_mask, self.dropout, max_tokens=self.max_tokens)

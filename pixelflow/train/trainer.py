@@ -38,6 +38,30 @@ from pixelflow.train.text_conditioning import TextConditioner, UnitText
 log = logging.getLogger(__name__)
 
 
+class BusyTime:
+    """A step's forward/backward time on this rank: the host clock on CPU; on a GPU a pair of CUDA events,
+    read when the loss window is summarized (which syncs anyway), so the step itself never waits."""
+
+    def __init__(self, device: torch.device):
+        self.events = None
+        if device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        self.started, self.ended = time.perf_counter(), 0.0
+
+    def stop(self) -> BusyTime:
+        if self.events is not None:
+            self.events[1].record()
+        self.ended = time.perf_counter()
+        return self
+
+    def seconds(self) -> float:
+        if self.events is None:
+            return self.ended - self.started
+        self.events[1].synchronize()
+        return self.events[0].elapsed_time(self.events[1]) / 1000
+
+
 @dataclass
 class StepOutcome:
     """What one rank's step produced, for the loss window."""
@@ -45,10 +69,35 @@ class StepOutcome:
     per_sample: torch.Tensor  # (n,) this rank's share of each of its samples' loss
     stages: torch.Tensor  # (n,) their stages
     grad_norm: torch.Tensor
-    busy_s: float  # forward/backward time on this rank
+    busy: BusyTime  # forward/backward time on this rank
     tokens: int  # tokens this rank ran, padding included
     padding: int  # padding tokens among them (SP slices, padding micro-batches)
-    layouts: set = field(default_factory=set)  # the micro-batch layouts run (each a compiled graph)
+    layouts: set = field(default_factory=set)  # the (layout, caption length) shapes run: a compiled graph each
+
+
+class NonFiniteWatch:
+    """The first step whose loss or gradient was not finite, kept on the device and read only where the
+    loop syncs anyway (before a log line, a sample grid or a save, and at the end): a diverged run stops
+    naming that step, with nothing of it saved, and no step waits for the device to find out."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.zeros((), dtype=torch.int64, device=device)
+        self.norm = torch.zeros((), device=device)
+
+    def add(self, step: int, grad_norm: torch.Tensor) -> None:
+        grad_norm = grad_norm.to(self.norm)  # DeepSpeed's is a host number
+        newly = (self.first == 0) & ~torch.isfinite(grad_norm)
+        self.first = torch.where(newly, step, self.first)
+        self.norm = torch.where(newly, grad_norm, self.norm)
+
+    def check(self) -> None:
+        step = int(self.first)
+        if step:
+            raise NonFiniteError(
+                f"step {step}: the loss or gradient is not finite (grad norm {self.norm.item()}); stopped "
+                f"without saving, the newest committed checkpoint is unchanged (train.nonfinite=skip_step "
+                f"skips such steps instead)"
+            )
 
 
 class LossWindow:
@@ -69,7 +118,8 @@ class LossWindow:
         self.counts.zero_()
         self.grad_norm.zero_()
         self.steps, self.skipped, self.started = 0, 0, time.perf_counter()
-        self.busy_s, self.tokens, self.padding, self.predicted = 0.0, 0, 0, 0.0
+        self.busy: list[BusyTime] = []
+        self.tokens, self.padding, self.predicted = 0, 0, 0.0
         self.wait_s, self.flops, self.trained_tokens = 0.0, 0.0, 0
 
     def add(self, outcome: StepOutcome, plan: StepPlan | None = None) -> None:
@@ -84,7 +134,7 @@ class LossWindow:
 
     def count(self, outcome: StepOutcome, plan: StepPlan | None) -> None:
         """The statistics of a step, trained or skipped."""
-        self.busy_s += outcome.busy_s
+        self.busy.append(outcome.busy)
         self.tokens += outcome.tokens
         self.padding += outcome.padding
         self.layouts |= outcome.layouts
@@ -97,9 +147,10 @@ class LossWindow:
         """The logged record (collective: every rank calls it at the same steps)."""
         steps = self.steps + self.skipped
         elapsed = time.perf_counter() - self.started
-        extra = [self.busy_s, self.tokens, self.padding, self.wait_s]
+        busy = sum(one.seconds() for one in self.busy)
+        extra = [busy, self.tokens, self.padding, self.wait_s]
         summed = torch.cat([self.sums, self.counts, self.sums.new_tensor(extra)])
-        largest = self.sums.new_tensor([self.busy_s, len(self.layouts), peak_memory_gib(self.world.device)])
+        largest = self.sums.new_tensor([busy, len(self.layouts), peak_memory_gib(self.world.device)])
         if self.world.distributed:
             dist.all_reduce(summed)
             dist.all_reduce(largest, op=dist.ReduceOp.MAX)
@@ -190,6 +241,10 @@ def train_step(
     split: each rank backpropagates its samples' sum / batch, times the ranks FSDP (or DeepSpeed) averages
     gradients over; an SP group's ranks hold shares of their samples' losses that add up."""
     device, unit = world.device, world.dp_rank
+    if images.device != device or labels.device != device:
+        raise ValueError(
+            f"train_step: images on {images.device} and labels on {labels.device}, but the step runs on {device}"
+        )
     row_of = {int(sample): row for row, sample in enumerate(plan.samples_of(unit))}
     null_class = cfg.model.num_classes
     labels = torch.where(labels < 0, torch.full_like(labels, null_class), labels)
@@ -197,7 +252,7 @@ def train_step(
     scale = world.gradient_ranks / plan.settings.batch
     losses, stage_ids, layouts = [], [], set()
     tokens = padding = 0
-    started = time.perf_counter()
+    busy = BusyTime(device)
     micro_batches = plan.micro_batches(unit)
     for index, samples in enumerate(micro_batches):
         caption = caption_mask = None
@@ -242,7 +297,7 @@ def train_step(
         per_sample = per_sequence_mse(prediction, targets, pairs.layout, pieces)
         held = model_tokens.shape[0]
         tokens += held
-        layouts.add(pairs.layout)
+        layouts.add((pairs.layout, None if caption is None else caption.shape[1]))
         real = held if token_range is None else max(0, min(token_range[1], stream) - token_range[0])
         padding += held - real if len(samples) else held
         weight = scale if len(samples) else 0.0  # a padding micro-batch's loss counts for nothing
@@ -250,12 +305,11 @@ def train_step(
         if len(samples):
             losses.append(per_sample.detach())
             stage_ids.append(pairs.stages)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the host is ahead otherwise; the step's norm check syncs anyway
-    busy = time.perf_counter() - started
+    busy.stop()
     if not losses:
         losses, stage_ids = [torch.zeros(0, device=device)], [torch.zeros(0, dtype=torch.int64, device=device)]
-    return StepOutcome(torch.cat(losses), torch.cat(stage_ids), engine.step(), busy, tokens, padding, layouts)
+    grad_norm = engine.step(skip_nonfinite=cfg.train.nonfinite == "skip_step")
+    return StepOutcome(torch.cat(losses), torch.cat(stage_ids), grad_norm, busy, tokens, padding, layouts)
 
 
 def prepare_run_dir(cfg: Config, world: World, lock: RunLock | None, plan: StartPlan) -> Path:
@@ -461,6 +515,9 @@ def _train(cfg: Config, world: World) -> RunResult:
         settings = plan_settings(cfg, world.dp_size)
         exchange_group = world.dp_mesh.get_group() if world.distributed and world.dp_size > 1 else None
         engine.model.train()
+        # DeepSpeed applies every step itself: its runs stop at a non-finite one whatever train.nonfinite says
+        skipping = cfg.train.nonfinite == "skip_step" and cfg.engine != "deepspeed"
+        nonfinite = NonFiniteWatch(world.device)
         stopping = None
         while step < cfg.train.steps and not stopping:
             waiting = time.perf_counter()
@@ -474,28 +531,24 @@ def _train(cfg: Config, world: World) -> RunResult:
             window.wait_s += time.perf_counter() - waiting  # blocked on the loader and the samples' exchange
             text = conditioner.unit(payloads) if conditioner else None
             outcome = train_step(engine, images, labels, plan, step, cfg, schedule, world, text)
-            grad_norm = outcome.grad_norm
-            if not torch.isfinite(grad_norm):  # the same on every rank: the norm is global
-                if cfg.train.nonfinite == "stop" or cfg.engine == "deepspeed":  # DeepSpeed has applied it
-                    raise NonFiniteError(
-                        f"step {step}: the loss or gradient is not finite (grad norm {grad_norm.item()}); stopped "
-                        f"without saving, the newest committed checkpoint is unchanged (train.nonfinite=skip_step "
-                        f"skips such steps instead)"
-                    )
+            if skipping and not torch.isfinite(outcome.grad_norm):  # the same on every rank: the norm is global
                 log.warning("step %d skipped: the loss or gradient is not finite", step)
                 window.skipped += 1
                 window.count(outcome, plan)
             else:
+                nonfinite.add(step, outcome.grad_norm)
                 window.add(outcome, plan)
             if keys:
                 keys.log(step, share.keys)
             if metrics:
                 metrics.advance()
             if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                nonfinite.check()
                 record = window.summary(step, engine.last_lr)
                 if metrics:
                     metrics.log(record)
             if samples and samples.due(step):
+                nonfinite.check()
                 grid = samples.write(step, engine.checkpoint_parts()["ema"].state_dict())
                 if metrics and grid:
                     metrics.log_image(grid, step)
@@ -504,6 +557,7 @@ def _train(cfg: Config, world: World) -> RunResult:
                 checkpointer.raise_failure()
             stopping = stopping if step < cfg.train.steps else None  # a signal at the last step: finished
             if stopping or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                nonfinite.check()
                 progress.step = step
                 checkpointer.save(step, parts, blocking=stopping is not None)
                 window.checkpoint_s = checkpointer.last_blocking_s
