@@ -4,8 +4,9 @@ A short sequence of steps, each in its own function, applied from outside the mo
 order: the attention kernel, FP8 linear layers (torchao), tensor parallel (megatron-core layers), Ulysses
 sequence parallel around the kernel, activation checkpointing, torch.compile per block, then FSDP2
 (`fully_shard` per block and at the root over the mesh's `fsdp` view; HSDP when dp_replicate > 1; bf16
-parameters with float32 gradient reduction on CUDA). Parameter names stay as they were, so checkpoints, EMA and sampling see the plain
-model's names; tensor parallelism leaves its plan on the model (`model.tensor_parallel`) for checkpoints.
+parameters with float32 gradient reduction on CUDA). Parameter names stay as they were, so checkpoints,
+EMA and sampling see the plain model's names; tensor parallelism leaves its plan on the model
+(`model.tensor_parallel`) for checkpoints. FP8 keeps the names too (torchao's Float8Linear is a Linear).
 """
 
 from __future__ import annotations
