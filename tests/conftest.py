@@ -14,11 +14,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from data_tools.synthetic import write_synthetic_dataset  # noqa: E402
 from pixelflow.config import SECRET_VALUES, Config, load_config  # noqa: E402
-from pixelflow.quality.inception import FIDInception  # noqa: E402
+from pixelflow.quality.inception import random_inception  # noqa: E402
 from tests.s3 import CREDENTIALS, MotoServer, free_port  # noqa: E402
 
 torch.set_num_threads(1)
@@ -83,14 +82,7 @@ def shapes_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def inception_file(tmp_path_factory):
     """A random-weight FID Inception, initialised so activations neither vanish nor explode over its depth."""
-    torch.manual_seed(0)
-    model = FIDInception()
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
+    model = random_inception(0)
     path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
     torch.save(model.state_dict(), path)
     return path

@@ -153,8 +153,10 @@ def flush_denormals() -> None:
 def init_world(cfg: Config, device_name: str = "auto") -> World:
     """Join the process group (when launched as several processes) and build the device mesh."""
     rank, size, local_rank = _environment()
-    device = resolve_device(device_name, local_rank)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    device = resolve_device(device_name, local_rank % max(gpus, 1))  # more ranks than GPUs share them (gloo)
     use_cuda = device.type == "cuda"
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
     flush_denormals()
     if use_cuda:
         torch.cuda.set_device(device)
@@ -164,11 +166,11 @@ def init_world(cfg: Config, device_name: str = "auto") -> World:
         return World(0, 1, device, None, timeout=timeout)
     if not dist.is_initialized():
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo",
+            backend,
             rank=rank,
             world_size=size,
             timeout=timeout,
-            device_id=device if use_cuda else None,
+            device_id=device if backend == "nccl" else None,
         )
     mesh, views = build_mesh(device.type, *layout)
     control = dist.new_group(backend="gloo", timeout=timeout)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pixelflow.cascade import CascadeSchedule, build_training_batch, per_sequence_mse
-from pixelflow.config import Config, ConfigError, to_yaml
+from pixelflow.config import Config, ConfigError, compile_enabled, to_yaml
 from pixelflow.data.exchange import exchange
 from pixelflow.data.loader import DataStream, lane_reader, merge_states, slot_lanes
 from pixelflow.data.planner import StepPlan, plan_settings, plan_step
@@ -104,8 +104,11 @@ class LossWindow:
     """Per-stage loss sums and step statistics since the last log, kept on the device (no host sync per
     step); summed over ranks at log time."""
 
-    def __init__(self, stages: int, world: World, images_per_step: int, peak_tflops: float = 0.0):
+    def __init__(
+        self, stages: int, world: World, images_per_step: int, peak_tflops: float = 0.0, *, compiled: bool = False
+    ):
         self.world, self.images_per_step, self.peak_tflops = world, images_per_step, peak_tflops
+        self.compiled = compiled  # log the graphs dynamo has built (to compare with the shapes met)
         self.checkpoint_s = 0.0  # how long the newest checkpoint save held the loop
         self.sums = torch.zeros(stages, device=world.device)
         self.counts = torch.zeros(stages, device=world.device)
@@ -174,6 +177,10 @@ class LossWindow:
         record["busy_max_over_mean"] = busy_max * self.world.size / busy_total if busy_total > 0 else 1.0
         record["padding_fraction"] = padding / tokens if tokens else 0.0
         record["graphs"] = int(graphs)
+        if self.compiled:
+            from torch._dynamo.utils import counters
+
+            record["compiled_graphs"] = int(counters["stats"]["unique_graphs"])  # this rank's, since it started
         if self.skipped:
             record["skipped_steps"] = self.skipped  # train.nonfinite=skip_step: not in loss and grad_norm
         self.reset()
@@ -510,7 +517,8 @@ def _train(cfg: Config, world: World) -> RunResult:
         if cfg.train.log_sample_keys and world.sp_rank == 0:
             keys = SampleKeyLog(run_dir, world.dp_rank, step)
             cleanup.callback(keys.close)
-        window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch, cfg.train.peak_tflops)
+        compiled = compile_enabled(cfg, world.device.type)
+        window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch, cfg.train.peak_tflops, compiled=compiled)
         samples = periodic_samples(cfg, world, run_dir, conditioner)
         settings = plan_settings(cfg, world.dp_size)
         exchange_group = world.dp_mesh.get_group() if world.distributed and world.dp_size > 1 else None
