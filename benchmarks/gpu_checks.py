@@ -9,10 +9,11 @@ is tested before a GPU is lent.
 
 Parts, most important first: the XL/4 256 px trainer through `pixelflow train` (planner, exchange, async
 checkpoint, periodic grid, then a resume), the train-step benchmark at the 2026-11-28 settings (micro 16
-images, with a profile by op class) and at the trainer's token budget, sampling (8 images x 4 steps/stage,
-CFG 2.4; batch 256 per step, projected to 30 steps/stage), the XL checkpoint save sync vs async,
-text-to-image with compile (graphs built), eval with FID (random Inception weights: timing only), and
-two gloo ranks sharing the one GPU with CUDA tensors (FSDP2 and the exchange, Ulysses, TP).
+images, with a profile by op class) and at the trainer's token budget, sampling (8 images x 4
+steps/stage, CFG 2.4, eager and as CUDA graphs; batch 256 per step, projected to 30 steps/stage), the
+XL checkpoint save sync vs async, text-to-image with compile (graphs built), eval with FID (random
+Inception weights: timing only), and two gloo ranks sharing the one GPU with CUDA tensors (FSDP2 and the
+exchange, Ulysses, TP). Each part has a time cap; parts past the budget are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -179,6 +180,11 @@ def checks(sizes: Sizes, work: Path) -> list[Check]:
             [step_bench + ["--batches", str(big), "--micro-tokens", "65536" if not s.dry else "256"]],
         ),
         Check("sampling 8 images x 4 steps/stage, CFG 2.4", 40, [sample_bench + ["--batch", "8", "--steps", "4"]]),
+        Check(  # the dry run samples eagerly: inductor on 2 CPU cores is tests/test_cascade.py's job
+            "sampling 8 images x 4 steps/stage, compiled per stage shape, replayed as CUDA graphs",
+            90,
+            [sample_bench + ["--batch", "8", "--steps", "4", "--compile", "none" if s.dry else "reduce-overhead"]],
+        ),
         Check(
             "sampling throughput, batch 256 (1 step/stage, projected to 30)",
             60,

@@ -22,6 +22,7 @@ from pixelflow.config import load_config  # noqa: E402
 from pixelflow.generate import generate, load_for_sampling  # noqa: E402
 from pixelflow.model import PixelFlowTransformer  # noqa: E402
 from pixelflow.model.attention import set_attention_backend  # noqa: E402
+from pixelflow.parallel.parallelize import apply_compile  # noqa: E402
 from pixelflow.parallel.world import resolve_device  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--solver", default="euler")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", default="none", help="none | default | reduce-overhead (CUDA graphs) | ...")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
 
@@ -46,11 +48,15 @@ def main() -> None:
         cfg = load_config(args.config, ["run_dir=unused", "data.path=unused", "train.steps=1", *args.overrides])
         model = PixelFlowTransformer(cfg.model).to(device=device, dtype=dtype).eval()
         set_attention_backend(model, cfg.model.attention, device.type)
+    if args.compile != "none":
+        apply_compile(model, args.compile)
     for batch in args.batch:
         for steps in args.steps:
             labels = [i % cfg.model.num_classes for i in range(batch)] if cfg.model.num_classes else None
             run = functools.partial(sample_once, model, cfg, labels, batch, steps, args.cfg, device, args.solver)
-            run()  # warm-up: kernels, RoPE tables, layouts
+            run()  # warm-up: kernels, RoPE tables, layouts, compiled graphs
+            if args.compile != "none":
+                run()  # CUDA graphs are recorded on the second call
             reset_peak_memory(device)
             seconds = timed(device, run, args.repeats)
             peak = peak_memory_gib(device)
@@ -63,6 +69,7 @@ def main() -> None:
                     "steps_per_stage": steps,
                     "cfg": args.cfg,
                     "solver": args.solver,
+                    "compile": args.compile,
                     "dtype": str(dtype),
                     "seconds": round(seconds, 4),
                     "images_per_s": round(batch / seconds, 3),

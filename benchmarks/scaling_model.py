@@ -13,8 +13,14 @@ input, the all-reduce buffer, the all-to-all input) and its wire bytes under rin
   2(R-1)/R;
 - Ulysses over sp: 4 all-to-alls per block in forward (q, k, v to heads, the output back) and 4 in
   backward, each of the rank's token slice x width in the activation dtype, wire (sp-1)/sp;
-- the planner's exchange of uint8 crops (one all-to-all per step).
-Time = compute x the planner's predicted imbalance + the communication not hidden behind compute
+- the planner's exchange of uint8 crops (one all-to-all per step);
+- tensor parallel over tp (megatron-core layers, `--tp`): per block and micro-batch 2 all-reduces of the
+  rank's tokens x width in forward (attention output, fc2) and 4 in backward (the input gradients of the
+  column-parallel q, k, v and fc1; 2 with a fused QKV), wire 2(tp-1)/tp each, on the critical path; FSDP
+  then shards the 1/tp of the parameters each rank holds.
+Fixed per-step costs are added: the optimizer, EMA and gradient-norm passes over this rank's parameter
+shard (44 bytes per parameter at `--hbm-gbs`) and `--syncs-per-step` host syncs of `--sync-us` each.
+Time = compute x the planner's predicted imbalance + fixed costs + the communication not hidden behind compute
 (`--overlap`: the FSDP share overlapped by prefetching; Ulysses sits on the critical path). Bandwidths:
 NVLink within a node, `--inter-gbps` per node between nodes (default 8 x 400 Gb/s). One JSON line per
 configuration (dp_replicate x dp_shard x sp, resolution).
@@ -49,10 +55,11 @@ class Layout:
     replicate: int
     shard: int
     sp: int
+    tp: int = 1
 
     @property
     def gpus(self) -> int:
-        return self.replicate * self.shard * self.sp
+        return self.replicate * self.shard * self.sp * self.tp
 
 
 def step_volumes(
@@ -69,6 +76,7 @@ def step_volumes(
     of this rank's unit's micro-batches (whole streams; each SP rank holds 1/sp of each)."""
     group = layout.shard * layout.sp
     micro = len(micro_tokens)
+    params = params / layout.tp  # the blocks' weights are split by tp before FSDP shards them
     out: dict[str, dict[str, float]] = {}
     if group > 1:
         gathered = 2 * params * param_bytes * micro
@@ -82,24 +90,36 @@ def step_volumes(
         sliced = sum(-(-tokens // layout.sp) for tokens in micro_tokens)
         swapped = 8 * depth * sliced * dim * activation_bytes
         out["all_to_all"] = {"payload": swapped, "wire": swapped * (layout.sp - 1) / layout.sp}
+    if layout.tp > 1:
+        sliced = sum(-(-tokens // layout.sp) for tokens in micro_tokens)
+        reduced = 6 * depth * sliced * dim * activation_bytes
+        out["tp_all_reduce"] = {"payload": reduced, "wire": reduced * 2 * (layout.tp - 1) / layout.tp}
     if exchange_bytes and layout.replicate * layout.shard > 1:
         data = layout.replicate * layout.shard
         out["exchange"] = {"payload": exchange_bytes, "wire": exchange_bytes * (data - 1) / data}
     return out
 
 
-def layouts_for(gpus: int, per_node: int) -> list[Layout]:
-    """FSDP within a node and HSDP across nodes, with and without SP 2 / 4."""
+def layouts_for(gpus: int, per_node: int, tps: list[int] = (1,)) -> list[Layout]:
+    """FSDP within a node and HSDP across nodes, with and without SP 2 / 4, for each tp (within a node)."""
     out = []
-    for sp in (1, 2, 4):
-        if gpus % sp:
-            continue
-        shard = min(per_node // sp, gpus // sp)
-        replicate = gpus // (shard * sp)
-        out.append(Layout(replicate, shard, sp))
-        if replicate > 1:
-            out.append(Layout(1, gpus // sp, sp))  # FSDP over everything
+    for tp in tps:
+        for sp in (1, 2, 4):
+            if gpus % (sp * tp) or sp * tp > per_node:
+                continue
+            shard = min(per_node // (sp * tp), gpus // (sp * tp))
+            replicate = gpus // (shard * sp * tp)
+            out.append(Layout(replicate, shard, sp, tp))
+            if replicate > 1:
+                out.append(Layout(1, gpus // (sp * tp), sp, tp))  # FSDP over everything
     return out
+
+
+def fixed_step_s(layout: Layout, params: int, args: argparse.Namespace) -> float:
+    """Per-step work that does not scale with the batch: AdamW (param, grad, 2 moments read; param and
+    moments written: 28 bytes), the EMA (12) and the gradient norm (4) over this rank's shard, and syncs."""
+    shard = params / (layout.shard * layout.sp * layout.tp)
+    return shard * 44 / (args.hbm_gbs * 1e9) + args.syncs_per_step * args.sync_us * 1e-6
 
 
 def project(args: argparse.Namespace) -> None:
@@ -112,22 +132,23 @@ def project(args: argparse.Namespace) -> None:
         compute_per_image = seconds_per_image * float(np.mean([cost.flops(t) for t in tokens])) / base_cost
         for gpus in args.gpus:
             for images in args.images_per_gpu:
-                for layout in layouts_for(gpus, args.gpus_per_node):
+                for layout in layouts_for(gpus, args.gpus_per_node, args.tp):
                     emit(projection(args, resolution, tokens, compute_per_image, gpus, images, layout, cost))
 
 
 def projection(args, resolution, tokens, compute_per_image, gpus, images, layout, cost) -> dict:
     """One configuration's volumes, times and efficiency."""
     units = layout.replicate * layout.shard
-    per_unit = images * layout.sp
-    budget = int(args.micro_images * layout.sp * tokens[-1])
+    per_unit = images * layout.sp * layout.tp
+    budget = int(args.micro_images * layout.sp * layout.tp * tokens[-1])
     plan = plan_step(PlanSettings(units * per_unit, tokens, (1.0,) * 4, units, budget, cost), 1)
     unit = int(np.argmax(plan.unit_costs))
     micro = [int(sum(tokens[s] for s in plan.stages[m])) for m in plan.micro_batches(unit)]
     volumes = step_volumes(layout, XL["params"], XL["depth"], XL["dim"], micro, 2, 2, per_unit * 3 * resolution**2)
-    compute = compute_per_image * per_unit / layout.sp * plan.max_over_mean
+    compute = compute_per_image * per_unit / (layout.sp * layout.tp) * plan.max_over_mean
+    fixed = fixed_step_s(layout, XL["params"], args)
     intra, inter = args.nvlink_gbs * 1e9, args.inter_gbps / 8 * 1e9 / args.gpus_per_node  # per GPU
-    fsdp_bandwidth = intra if layout.shard * layout.sp <= args.gpus_per_node else inter
+    fsdp_bandwidth = intra if layout.shard * layout.sp * layout.tp <= args.gpus_per_node else inter
 
     def wire(kind: str) -> float:
         return volumes.get(kind, {"wire": 0.0})["wire"]
@@ -136,8 +157,9 @@ def projection(args, resolution, tokens, compute_per_image, gpus, images, layout
     hsdp = wire("all_reduce") / inter
     ulysses = wire("all_to_all") / (intra if layout.sp <= args.gpus_per_node else inter)
     exchange = wire("exchange") / inter
-    exposed = max(0.0, fsdp + hsdp - args.overlap * compute) + ulysses + exchange
-    step = compute + exposed
+    tensor_parallel = wire("tp_all_reduce") / intra
+    exposed = max(0.0, fsdp + hsdp - args.overlap * compute) + ulysses + tensor_parallel + exchange
+    step = compute + fixed + exposed
     return {
         "bench": "scaling_model",
         "resolution": resolution,
@@ -145,16 +167,18 @@ def projection(args, resolution, tokens, compute_per_image, gpus, images, layout
         "dp_replicate": layout.replicate,
         "dp_shard": layout.shard,
         "sp": layout.sp,
+        "tp": layout.tp,
         "images_per_gpu": images,
         "micro_batches": len(micro),
         "planner_max_over_mean": round(plan.max_over_mean, 3),
         "gib_per_rank": {k: round(v["wire"] / 2**30, 3) for k, v in volumes.items()},
         "compute_s": round(compute, 4),
-        "comm_s": round(fsdp + hsdp + ulysses + exchange, 4),
+        "fixed_s": round(fixed, 4),
+        "comm_s": round(fsdp + hsdp + ulysses + tensor_parallel + exchange, 4),
         "exposed_comm_s": round(exposed, 4),
         "step_s": round(step, 4),
         "img_per_s": round(units * per_unit / step, 1),
-        "weak_scaling_efficiency": round(compute_per_image * per_unit / layout.sp / step, 3),
+        "weak_scaling_efficiency": round(compute_per_image * per_unit / (layout.sp * layout.tp) / step, 3),
     }
 
 
@@ -267,6 +291,10 @@ def main() -> None:
     parser.add_argument("--inter-gbps", type=float, default=3200.0, help="Gb/s per node between nodes")
     parser.add_argument("--overlap", type=float, default=0.8, help="share of compute that can hide FSDP traffic")
     parser.add_argument("--token-overhead", type=float, default=0.0, help="planner cost model term (GPU: 0)")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1], help="tensor-parallel sizes to project")
+    parser.add_argument("--hbm-gbs", type=float, default=4300.0, help="GB/s of GPU memory (measured on the H200)")
+    parser.add_argument("--syncs-per-step", type=int, default=0, help="host syncs per step (the trainer: 0)")
+    parser.add_argument("--sync-us", type=float, default=50.0, help="GPU idle time per host sync, microseconds")
     parser.add_argument("overrides", nargs="*", help="--check: config overrides (the layout)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")

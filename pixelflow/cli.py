@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixelflow.compat import ConversionError
-from pixelflow.config import ConfigError, guidance_problem, load_config, redact, steps_problem
+from pixelflow.config import (
+    SAMPLING_COMPILE_MODES,
+    ConfigError,
+    guidance_problem,
+    load_config,
+    redact,
+    steps_problem,
+)
 from pixelflow.data.shard_format import ShardFormatError
 from pixelflow.data.storage import StorageError
 from pixelflow.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, NonFiniteError, RunFailure
@@ -106,6 +113,10 @@ def _sample(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, cfg = load_for_sampling(args.checkpoint, args.weights, device, dtype)
+    if args.compile != "none":
+        from pixelflow.parallel.parallelize import apply_compile
+
+        apply_compile(model, args.compile)
     labels, prompts, columns = None, None, None
     if cfg.model.text_dim:
         prompts, columns = sample_prompts(args, cfg, device)
@@ -315,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default ema)")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sample.add_argument(
+        "--compile",
+        choices=["none", *SAMPLING_COMPILE_MODES],
+        default="none",
+        help="compile every block, one graph per stage shape; reduce-overhead replays them as CUDA graphs",
+    )
     sample.set_defaults(func=_sample)
 
     evaluate = commands.add_parser(

@@ -268,6 +268,7 @@ def guidance_problem(scale: float) -> str | None:
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # CUDA graphs need static shapes; stages vary
+SAMPLING_COMPILE_MODES = (*COMPILE_MODES, "reduce-overhead")  # a sampler's shapes are fixed per stage
 
 
 def compile_enabled(cfg: Config, device_type: str) -> bool:

@@ -38,7 +38,7 @@ def test_the_dry_run_runs_every_part_on_cpu_and_writes_one_line_per_check(tmp_pa
     assert "fid" in by_name["eval with FID (random Inception weights)"]
     ranks = [r["figures"] for r in results if r["name"].startswith("two gloo ranks")]
     assert len(ranks) == 3 and len({round(f["loss"], 5) for f in ranks}) == 1  # the same losses on every layout
-    assert re.search(r"12 of 12 checks passed", done.stdout)
+    assert re.search(r"13 of 13 checks passed", done.stdout)
 
 
 def test_a_failing_or_slow_part_is_recorded_and_the_rest_run_and_a_part_past_the_budget_is_skipped():
