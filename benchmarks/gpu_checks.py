@@ -93,12 +93,20 @@ def checks(sizes: Sizes, work: Path) -> list[Check]:
         committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
         return {"metrics": last_metrics(run_dir), "grids": grids, "checkpoints": committed}
 
-    bench = ["--config", s.config, "--device", s.device, *s.model, f"data.resolution={s.resolution}"]
-    step_bench = [PY, "benchmarks/train_step.py", "--steps", "2" if s.dry else "5", "--warmup", "2", *bench]
-    if not s.dry:
-        step_bench += ["--compile", "--peak-tflops", "790"]
+    bench = ["--config", s.config, "--device", s.device]
+    overrides = [*s.model, f"data.resolution={s.resolution}"]  # positional: one run of them, last
+    timing = ["--steps", "2" if s.dry else "5", "--warmup", "2"] + (
+        [] if s.dry else ["--compile", "--peak-tflops", "790"]
+    )
+
+    def step_bench(*options: str, extra: tuple[str, ...] = ()) -> list[str]:
+        return [PY, "benchmarks/train_step.py", *timing, *bench, *options, *overrides, *extra]
+
     big = 16 if s.dry else 64
-    sample_bench = [PY, "benchmarks/sample.py", "--cfg", "2.4", "--repeats", "1" if s.dry else "3", *bench]
+
+    def sample_bench(*options: str) -> list[str]:
+        repeats = "1" if s.dry else "3"
+        return [PY, "benchmarks/sample.py", "--cfg", "2.4", "--repeats", repeats, *bench, *options, *overrides]
 
     def projected(lines: list[dict]) -> dict:
         """Sampling time is linear in Euler steps: the batch's seconds at 1 step/stage, times 30."""
@@ -156,6 +164,22 @@ def checks(sizes: Sizes, work: Path) -> list[Check]:
         )
 
     small = [PY, "-m", "data_tools", "synth", str(t2i_data), "--count", "64", "--per-shard", "32", "--size", "32"]
+    on_gpu = [  # levers with no CPU path: FP8 needs the hardware, autotuning is inductor's on the GPU
+        Check(
+            "train step with FP8 matmuls (parallel.float8, torchao)",
+            80,
+            [step_bench("--batches", str(big), "--micro", "16", extra=("parallel.float8=true",))],
+        ),
+        Check(
+            "train step compiled with max-autotune-no-cudagraphs",
+            150,
+            [
+                step_bench(
+                    "--batches", str(big), "--micro", "16", extra=("parallel.compile_mode=max-autotune-no-cudagraphs",)
+                )
+            ],
+        ),
+    ]
     return [
         Check(
             "torch APIs the project relies on, and a small dataset for the later checks",
@@ -172,23 +196,23 @@ def checks(sizes: Sizes, work: Path) -> list[Check]:
         Check(
             "train step at the 2026-11-28 settings (batch 64, micro 16 images), profiled",
             70,
-            [step_bench + ["--batches", str(big), "--micro", "16" if not s.dry else "4", "--profile"]],
+            [step_bench("--batches", str(big), "--micro", "16" if not s.dry else "4", "--profile")],
         ),
         Check(
             "train step at the trainer's token budget (micro_tokens 65536)",
             60,
-            [step_bench + ["--batches", str(big), "--micro-tokens", "65536" if not s.dry else "256"]],
+            [step_bench("--batches", str(big), "--micro-tokens", "65536" if not s.dry else "256")],
         ),
-        Check("sampling 8 images x 4 steps/stage, CFG 2.4", 40, [sample_bench + ["--batch", "8", "--steps", "4"]]),
+        Check("sampling 8 images x 4 steps/stage, CFG 2.4", 40, [sample_bench("--batch", "8", "--steps", "4")]),
         Check(  # the dry run samples eagerly: inductor on 2 CPU cores is tests/test_cascade.py's job
             "sampling 8 images x 4 steps/stage, compiled per stage shape, replayed as CUDA graphs",
             90,
-            [sample_bench + ["--batch", "8", "--steps", "4", "--compile", "none" if s.dry else "reduce-overhead"]],
+            [sample_bench("--batch", "8", "--steps", "4", "--compile", "none" if s.dry else "reduce-overhead")],
         ),
         Check(
             "sampling throughput, batch 256 (1 step/stage, projected to 30)",
             60,
-            [sample_bench + ["--batch", "16" if s.dry else "256", "--steps", "1"]],
+            [sample_bench("--batch", "16" if s.dry else "256", "--steps", "1")],
             projected,
         ),
         Check(
@@ -210,6 +234,7 @@ def checks(sizes: Sizes, work: Path) -> list[Check]:
         two_ranks("fsdp2_and_exchange", 29582, "parallel.dp_shard=2"),
         two_ranks("ulysses", 29583, "parallel.dp_shard=1", "parallel.sp=2"),
         two_ranks("tensor_parallel", 29584, "parallel.dp_shard=1", "parallel.tp=2"),
+        *([] if s.dry else on_gpu),
     ]
 
 
