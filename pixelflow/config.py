@@ -119,6 +119,7 @@ class ParallelConfig:
     sp: int = 1  # Ulysses sequence parallel: ranks sharing one packed micro-batch (must divide num_heads)
     tp: int = 1  # tensor parallel (megatron-core layers): ranks splitting every block's heads and MLP
     compile: bool | None = None  # torch.compile every transformer block; None = on CUDA (the fsdp engine, tp 1)
+    fused_qkv: bool | None = None  # q, k, v as one matmul (same parameters); None = on CUDA (fsdp engine, tp 1)
     compile_mode: str = "default"  # torch.compile's mode: default | max-autotune-no-cudagraphs (slower to build)
     float8: bool = False  # FP8 matmuls in the blocks' linear layers (torchao float8 training; GPUs with FP8)
     backend: str = "auto"  # collectives: auto (nccl on CUDA, gloo on CPU) | gloo (e.g. ranks sharing one GPU)
@@ -277,6 +278,13 @@ def compile_enabled(cfg: Config, device_type: str) -> bool:
     if cfg.parallel.compile is not None:
         return cfg.parallel.compile
     return device_type == "cuda" and cfg.engine == "fsdp" and cfg.parallel.tp == 1
+
+
+def fused_qkv_enabled(cfg: Config, device_type: str) -> bool:
+    """parallel.fused_qkv, or its default: on CUDA where the three layers are plain Linears whose weights
+    the block holds whole (not under tensor parallel, FP8 or DeepSpeed's per-layer gathering)."""
+    plain = cfg.engine == "fsdp" and cfg.parallel.tp == 1 and not cfg.parallel.float8
+    return plain and (cfg.parallel.fused_qkv if cfg.parallel.fused_qkv is not None else device_type == "cuda")
 
 
 def micro_tokens(cfg: Config) -> int:

@@ -75,6 +75,35 @@ def test_compiled_blocks_match_eager():
         assert torch.allclose(grad, grads_compiled[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_fused_qkv_keeps_loss_grads_and_checkpoint_names():
+    cfg = config("parallel.fused_qkv=true")
+    plain = randomised(cfg)
+    fused = parallelize(copy.deepcopy(plain), cfg, torch.device("cpu"))
+    assert all(block.attn.fused_qkv for block in fused.blocks)
+    assert list(fused.state_dict()) == list(plain.state_dict())  # the same checkpoints load and save
+    loss, grads = loss_and_grads(plain)
+    loss_fused, grads_fused = loss_and_grads(fused)
+    assert torch.equal(loss, loss_fused)  # the same products, one matmul
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_fused[name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "device", "fused"),
+    [
+        ([], "cpu", False),  # CPU trajectories stay bit-identical to the three-matmul path's
+        ([], "cuda", True),
+        (["parallel.tp=2"], "cuda", False),  # megatron-core's layers carry their own collectives
+        (["engine=deepspeed"], "cuda", False),  # ZeRO-3 gathers weights per layer call
+        (["parallel.float8=true"], "cuda", False),  # Float8Linear casts in its own forward
+    ],
+)
+def test_fused_qkv_is_on_by_default_where_the_layers_are_plain(overrides, device, fused):
+    from pixelflow.config import fused_qkv_enabled
+
+    assert fused_qkv_enabled(config(*overrides), device) is fused
+
+
 def test_the_world_flushes_subnormal_floats_on_the_cpu():
     from pixelflow.parallel.world import init_world
 

@@ -211,12 +211,23 @@ class SelfAttention(_Projections):
     def __init__(self, dim: int, num_heads: int, head_dim: int, bias: bool):
         super().__init__(dim, dim, num_heads, head_dim, bias)
         self.core: nn.Module = SdpaRunsAttention()
+        self.fused_qkv = False  # one matmul for q, k and v (parallelize's apply_fused_qkv)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v of x: three matmuls, or one over the three weights side by side (their parameters stay
+        the three layers', so checkpoints are the same either way)."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if not self.fused_qkv:
+            return tuple(layer(x) for layer in layers)
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers]) if self.q_proj.bias is not None else None
+        return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
     def forward(self, x: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
-        q = self.split_heads(self.q_norm(self.q_proj(x)))
-        k = self.split_heads(self.k_norm(self.k_proj(x)))
-        v = self.split_heads(self.v_proj(x))
-        return self.o_proj(self.core(q, k, v, ctx))
+        q, k, v = self.project_qkv(x)
+        q = self.split_heads(self.q_norm(q))
+        k = self.split_heads(self.k_norm(k))
+        return self.o_proj(self.core(q, k, self.split_heads(v), ctx))
 
 
 class CrossAttention(_Projections):

@@ -1,12 +1,13 @@
 """`parallelize(model, cfg, device, world)`: everything that changes how the model runs, not what it computes.
 
 A short sequence of steps, each in its own function, applied from outside the model in torchtitan's
-order: the attention kernel, FP8 linear layers (torchao), tensor parallel (megatron-core layers), Ulysses
-sequence parallel around the kernel, activation checkpointing, torch.compile per block, then FSDP2
-(`fully_shard` per block and at the root over the mesh's `fsdp` view; HSDP when dp_replicate > 1; bf16
-parameters with float32 gradient reduction on CUDA). Parameter names stay as they were, so checkpoints,
-EMA and sampling see the plain model's names; tensor parallelism leaves its plan on the model
-(`model.tensor_parallel`) for checkpoints. FP8 keeps the names too (torchao's Float8Linear is a Linear).
+order: the attention kernel, fused q/k/v matmuls, FP8 linear layers (torchao), tensor parallel
+(megatron-core layers), Ulysses sequence parallel around the kernel, activation checkpointing,
+torch.compile per block, then FSDP2 (`fully_shard` per block and at the root over the mesh's `fsdp` view;
+HSDP when dp_replicate > 1; bf16 parameters with float32 gradient reduction on CUDA). Parameter names
+stay as they were, so checkpoints, EMA and sampling see the plain model's names; tensor parallelism leaves
+its plan on the model (`model.tensor_parallel`) for checkpoints. Fused q/k/v keeps the three layers'
+parameters and FP8 their names (torchao's Float8Linear is a Linear).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixelflow.config import Config, ConfigError, compile_enabled
+from pixelflow.config import Config, ConfigError, compile_enabled, fused_qkv_enabled
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.attention import SelfAttention, set_attention_backend
 from pixelflow.parallel.ulysses import UlyssesAttention
@@ -29,6 +30,8 @@ def parallelize(
 ) -> PixelFlowTransformer:
     """Prepare a model (already on its device) for training or sampling according to cfg."""
     apply_attention_kernel(model, cfg.model.attention, device.type)
+    if fused_qkv_enabled(cfg, device.type):
+        apply_fused_qkv(model)
     if cfg.parallel.float8:
         apply_float8(model, device)
     if world is not None and world.tp > 1:
@@ -45,6 +48,12 @@ def parallelize(
 
 def apply_attention_kernel(model: nn.Module, name: str, device_type: str) -> None:
     set_attention_backend(model, name, device_type)
+
+
+def apply_fused_qkv(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.fused_qkv = True
 
 
 def apply_tensor_parallel(model: nn.Module, world: World) -> None:
