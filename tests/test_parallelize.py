@@ -104,6 +104,37 @@ def test_fused_qkv_is_on_by_default_where_the_layers_are_plain(overrides, device
     assert fused_qkv_enabled(config(*overrides), device) is fused
 
 
+def test_float8_converts_the_blocks_linears_keeps_names_and_stays_close_to_full_precision():
+    """torchao's FP8 path (emulated on CPU: FP8 rounding, ordinary matmuls) on the blocks' linears only."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from pixelflow.parallel.parallelize import apply_float8
+
+    plain = randomised(config())
+    fp8 = copy.deepcopy(plain)
+    apply_float8(fp8, torch.device("cpu"), emulate=True)
+    converted = {name for name, module in fp8.named_modules() if isinstance(module, Float8Linear)}
+    assert converted and all(name.startswith("blocks.") for name in converted)
+    assert "blocks.0.attn.q_proj" in converted and "blocks.0.mlp.fc1" in converted
+    assert list(fp8.state_dict()) == list(plain.state_dict())
+    loss, grads = loss_and_grads(plain)
+    loss_fp8, grads_fp8 = loss_and_grads(fp8)
+    assert abs(loss_fp8 - loss) / loss < 0.02  # e4m3 rounding of activations and weights, e5m2 of gradients
+    cosines = [torch.cosine_similarity(g.flatten(), grads_fp8[n].flatten(), dim=0) for n, g in grads.items()]
+    assert min(cosines) > 0.9 and sorted(cosines)[len(cosines) // 2] > 0.99
+
+
+def test_float8_is_refused_in_one_line_without_fp8_hardware(tmp_path, shapes_dataset, capsys):
+    from pixelflow.cli import main
+    from tests.conftest import error_lines, tiny_overrides
+
+    assert main(["train", "configs/demo.yaml", *tiny_overrides(tmp_path, shapes_dataset, "parallel.float8=true")]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "pixelflow: error: parallel.float8: FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; this "
+        "run is on cpu"
+    ]
+
+
 def test_the_world_flushes_subnormal_floats_on_the_cpu():
     from pixelflow.parallel.world import init_world
 

@@ -28,10 +28,12 @@ def exchange(
     group: dist.ProcessGroup | None,
     device: torch.device,
     with_payloads: bool = False,
+    host_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[bytes]]:
     """(images (n, 3, R, R) uint8, labels (n,), payloads) on `device` of the unit's samples,
-    `plan.samples_of(unit)` in that order. `readers[j]` is the data rank that read slot j; `share` is what
-    this rank read. Payloads (captions or embeddings) travel when asked, padded to the group's longest."""
+        `plan.samples_of(unit)` in that order. `readers[j]` is the data rank that read slot j; `share` is what
+        this rank read. Payloads (captions or embeddings) travel when asked, padded to the longest of
+    `host_group` (a gloo group holding the exchange group's ranks: agreeing on the width waits on no device)."""
     if group is None:  # one data rank read every slot and trains them all
         images, labels = share.images.to(device, non_blocking=True), share.labels.to(device, non_blocking=True)
         return images, labels, list(share.payloads)
@@ -40,8 +42,8 @@ def exchange(
     columns = [flat, share.labels.reshape(-1, 1).view(torch.uint8)]
     width = 0
     if with_payloads:
-        longest = torch.tensor([max((len(p) for p in share.payloads), default=0)], device=device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+        longest = torch.tensor([max((len(p) for p in share.payloads), default=0)])
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=host_group)
         width = int(longest.item())
         columns.append(payload_columns(share.payloads, width))
     rows = torch.cat(columns, dim=1)

@@ -103,19 +103,20 @@ def float8_problem(device: torch.device) -> str | None:
     return None
 
 
-def apply_float8(model: PixelFlowTransformer, device: torch.device) -> None:
+def apply_float8(model: PixelFlowTransformer, device: torch.device, *, emulate: bool = False) -> None:
     """The blocks' linear layers as torchao Float8Linear (dynamic tensorwise scaling); the embeddings and
-    the final layer stay in bf16, as torchtitan keeps its output layer."""
-    problem = float8_problem(device)
+    the final layer stay in bf16, as torchtitan keeps its output layer. emulate: FP8 rounding in ordinary
+    matmuls, on any device (how tests check this path on CPU)."""
+    problem = None if emulate else float8_problem(device)
     if problem:
         raise ConfigError(f"parallel.float8: {problem}")
-    from torchao.float8 import convert_to_float8_training
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     def in_a_block(module: nn.Module, name: str) -> bool:
         usable = isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
         return usable and name.startswith("blocks.")
 
-    convert_to_float8_training(model, module_filter_fn=in_a_block)
+    convert_to_float8_training(model, config=Float8LinearConfig(emulate=emulate), module_filter_fn=in_a_block)
 
 
 def apply_compile(model: PixelFlowTransformer, mode: str = "default", backend: str = "inductor") -> None:

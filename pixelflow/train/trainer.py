@@ -534,7 +534,14 @@ def _train(cfg: Config, world: World) -> RunResult:
             plan = plan_step(settings, step)
             readers = lane_reader(slot_lanes(step, cfg.train.global_batch, data.num_lanes), world.dp_size)
             images, labels, payloads = exchange(
-                share, plan, readers, world.dp_rank, exchange_group, world.device, conditioner is not None
+                share,
+                plan,
+                readers,
+                world.dp_rank,
+                exchange_group,
+                world.device,
+                conditioner is not None,
+                world.control,
             )
             window.wait_s += time.perf_counter() - waiting  # blocked on the loader and the samples' exchange
             text = conditioner.unit(payloads) if conditioner else None
