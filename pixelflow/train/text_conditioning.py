@@ -13,6 +13,7 @@ import torch
 from pixelflow.config import Config, ConfigError
 from pixelflow.data.storage import filesystem, storage_options
 from pixelflow.data.text_store import embeddings_location, read_info
+from pixelflow.model.layout import to_device
 from pixelflow.model.text_encoder import bucket_length, check_encoder_path, pad_tokens
 from pixelflow.parallel.world import World
 
@@ -106,5 +107,5 @@ class TextConditioner:
             for row, array in enumerate(arrays):
                 embeddings[row, : len(array)] = torch.from_numpy(array.astype(np.float32))
                 mask[row, : len(array)] = 1
-            embeddings, mask = embeddings.to(self.device), mask.to(self.device)
+            embeddings, mask = to_device(embeddings, self.device), to_device(mask, self.device)  # pinned
         return UnitText(embeddings, mask, self.empty, self.empty_mask, self.dropout, max_tokens=self.max_tokens)
