@@ -28,9 +28,10 @@ from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
 from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world, shutdown  # noqa: E402
-from pixelflow.train.checkpoint import Checkpointer, step_dir  # noqa: E402
+from pixelflow.train.checkpoint import Checkpointer  # noqa: E402
 from pixelflow.train.engine import build_engine  # noqa: E402
 from pixelflow.train.trainer import train_step  # noqa: E402
+from pixelflow.weights import step_dir  # noqa: E402
 
 # ~130M parameters: 12 blocks of 768 (12 heads x 64)
 CPU_MODEL = ["model.depth=12", "model.num_heads=12", "model.head_dim=64", "model.num_classes=1000"]

@@ -11,9 +11,8 @@ from pathlib import Path
 from data_tools.ingest import KINDS, IngestError, Options, Report, ingest
 from data_tools.synthetic import write_synthetic_dataset
 from pixelflow.cli import run_command
-from pixelflow.config import ConfigError
-from pixelflow.data.shard_format import ShardFormatError
-from pixelflow.data.storage import StorageError, storage_options
+from pixelflow.data.storage import storage_options
+from pixelflow.errors import ConfigError, ShardFormatError, StorageError
 
 
 def _synth(args: argparse.Namespace) -> None:

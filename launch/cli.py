@@ -10,8 +10,9 @@ from pathlib import Path
 from data_tools.cli import add_encode_text_arguments, add_ingest_arguments
 from data_tools.ingest import IngestError
 from launch.slurm import LaunchError
-from pixelflow.cli import USER_ERRORS, add_eval_arguments, run_command
+from pixelflow.cli import add_eval_arguments, run_command
 from pixelflow.config import SlurmConfig, load_config
+from pixelflow.errors import USER_ERRORS
 
 
 def _submit(args: argparse.Namespace) -> None:

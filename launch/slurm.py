@@ -18,7 +18,7 @@ from launch.job import TrainJob
 from launch.run_dir import code_version, last_metrics, prepare
 from pixelflow.config import URL_CREDENTIALS, Config, SlurmConfig, to_yaml
 from pixelflow.records import read_records
-from pixelflow.train.checkpoint import committed_checkpoints
+from pixelflow.weights import committed_checkpoints
 
 JOBS = "jobs.jsonl"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "CONFIGURING", "COMPLETING", "RESIZING", "REQUEUE_HOLD"}

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixelflow.model.layout import PackedLayout, Piece, patchify, stream_pieces, to_device
+from pixelflow.devices import to_device
+from pixelflow.model.layout import PackedLayout, Piece, patchify, stream_pieces
 
 
 @dataclass(frozen=True)

@@ -12,22 +12,17 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixelflow.compat import ConversionError
-from pixelflow.config import (
-    SAMPLING_COMPILE_MODES,
+from pixelflow.config import SAMPLING_COMPILE_MODES, guidance_problem, load_config, redact, steps_problem
+from pixelflow.errors import (
+    EXIT_FAILED,
+    EXIT_SIGNAL_BASE,
+    EXIT_USER_ERROR,
+    USER_ERRORS,
     ConfigError,
-    guidance_problem,
-    load_config,
-    redact,
-    steps_problem,
+    RunFailure,
 )
-from pixelflow.data.shard_format import ShardFormatError
-from pixelflow.data.storage import StorageError
-from pixelflow.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, NonFiniteError, RunFailure
 from pixelflow.paths import writable
-from pixelflow.train.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, ConversionError, StorageError, NonFiniteError)
 REPORT = "this is a bug in pixelflow: please report it with the traceback above"
 
 
@@ -43,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from pixelflow.train.checkpoint import export
+    from pixelflow.weights import export
 
     print(f"wrote {export(Path(args.source), Path(args.destination), args.weights, args.force)}")
 
@@ -201,7 +196,7 @@ def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None) -> E
     from pixelflow.evaluate import EvalSpec, Scoring, claim_folder, draw_images, provenance, write_npz
     from pixelflow.generate import load_for_sampling
     from pixelflow.parallel.world import resolve_device
-    from pixelflow.train.checkpoint import resolve_source, source_identity
+    from pixelflow.weights import resolve_source, source_identity
 
     check_eval_arguments(args)
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))

@@ -16,15 +16,11 @@ import torch
 from omegaconf import OmegaConf
 
 from pixelflow.config import CascadeConfig, Config, DataConfig, ModelConfig, TrainConfig
+from pixelflow.errors import ConversionError
 from pixelflow.generate import load_for_sampling
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.embeddings import rope_table
-from pixelflow.train.checkpoint import write_export
-
-
-class ConversionError(ValueError):
-    """A reference checkpoint that cannot be converted; the message lists what is wrong."""
-
+from pixelflow.weights import write_export
 
 # reference key (regex) -> our key (template); block index captured as \1
 _KEY_RULES = [

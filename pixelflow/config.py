@@ -16,9 +16,7 @@ from pathlib import Path
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config problem, phrased as one line for the user."""
+from pixelflow.errors import ConfigError
 
 
 @dataclass

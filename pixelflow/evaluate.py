@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixelflow.config import Config, ConfigError
+from pixelflow.config import Config
+from pixelflow.errors import ConfigError
 from pixelflow.generate import Prompts, generate
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.progress import Progress

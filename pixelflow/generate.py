@@ -14,11 +14,11 @@ from PIL import Image
 
 from pixelflow.cascade import CascadeSchedule, cfg_scales, default_cfg_ramp, sample, to_uint8
 from pixelflow.config import Config
+from pixelflow.devices import flush_denormals
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.attention import set_attention_backend
 from pixelflow.model.text_encoder import pad_tokens
-from pixelflow.parallel.world import flush_denormals
-from pixelflow.train.checkpoint import read_weights
+from pixelflow.weights import read_weights
 
 
 def load_for_sampling(

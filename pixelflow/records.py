@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from pixelflow.config import ConfigError
+from pixelflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pixelflow.config import ConfigError
+from pixelflow.errors import ConfigError
 from pixelflow.records import read_records
 
 PLOTS = {  # file name -> (title, keys: one line per key and run)

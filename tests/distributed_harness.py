@@ -129,8 +129,9 @@ def attention(out: Path, sp: int) -> None:
 
 
 def reload(out: Path, config: str, checkpoint: str, overrides: list[str]) -> None:
-    from pixelflow.train.checkpoint import Checkpointer, resolve_source
+    from pixelflow.train.checkpoint import Checkpointer
     from pixelflow.train.trainer import TrainProgress
+    from pixelflow.weights import resolve_source
 
     cfg = load_config(config, overrides)
     world = init_world(cfg, "cpu")

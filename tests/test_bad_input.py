@@ -16,11 +16,10 @@ import torch
 
 from data_tools.synthetic import write_synthetic_dataset
 from pixelflow.cli import main, run_command
-from pixelflow.config import ConfigError, load_config
-from pixelflow.data.shard_format import ShardFormatError
-from pixelflow.errors import NonFiniteError
-from pixelflow.train.checkpoint import committed_checkpoints, read_weights
+from pixelflow.config import load_config
+from pixelflow.errors import ConfigError, NonFiniteError, ShardFormatError
 from pixelflow.train.trainer import train
+from pixelflow.weights import committed_checkpoints, read_weights
 from tests.conftest import REPO, cli, tiny_config, tiny_overrides
 from tests.conftest import error_lines as errors_in
 from tests.s3 import free_port
@@ -510,7 +509,7 @@ def test_report_tells_runs_of_one_name_apart_skips_a_torn_line_and_says_when_the
 
 
 def test_an_export_never_shadows_checkpoints_and_replaces_an_export_only_when_forced(tmp_path, shapes_dataset):
-    from pixelflow.train.checkpoint import EXPORT_WEIGHTS
+    from pixelflow.weights import EXPORT_WEIGHTS
 
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
     step = run_dir / "checkpoints" / "step_00000003"
@@ -539,7 +538,7 @@ def test_tracebacks_the_readme_promises_as_one_line(tmp_path, shapes_dataset, ca
     """Each of these used to print a traceback."""
     from safetensors.torch import load_file, save_file
 
-    from pixelflow.train.checkpoint import export
+    from pixelflow.weights import export
 
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=1", "checkpoint.every=1")).run_dir
     out = ["--out", str(tmp_path / "grid.png"), "--steps", "1"]

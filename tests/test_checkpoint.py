@@ -14,17 +14,13 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from pixelflow.config import to_yaml
+from pixelflow.errors import CheckpointError
 from pixelflow.generate import generate, load_for_sampling
 from pixelflow.parallel.world import World
-from pixelflow.train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    committed_checkpoints,
-    read_weights,
-    resolve_source,
-)
+from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.engine import FsdpEngine
 from pixelflow.train.trainer import TrainProgress, train
+from pixelflow.weights import committed_checkpoints, read_weights, resolve_source
 from tests.conftest import REPO, tiny_config, tiny_overrides
 
 

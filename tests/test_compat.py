@@ -10,7 +10,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pixelflow.compat import ConversionError, OfficialAdapter, convert_official
+from pixelflow.compat import OfficialAdapter, convert_official
+from pixelflow.errors import ConversionError
 from pixelflow.model.embeddings import rope_table
 from tests.conftest import REPO
 from tests.reference_pixelflow import reference_forward, reference_pos_embed, reference_state_dict

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pixelflow.config import ConfigError, load_config
+from pixelflow.config import load_config
+from pixelflow.errors import ConfigError
 from pixelflow.parallel.world import layout_for
 from tests.conftest import REPO
 

@@ -16,7 +16,6 @@ from pixelflow.data.decode import DecodeError, decode_crop
 from pixelflow.data.loader import DataStream, LaneReader, ReadSettings, lane_shards
 from pixelflow.data.shard_format import (
     Manifest,
-    ShardFormatError,
     ShardWriter,
     check_key,
     parse_sample,
@@ -26,6 +25,7 @@ from pixelflow.data.shard_format import (
     write_json_atomically,
 )
 from pixelflow.data.storage import filesystem
+from pixelflow.errors import ShardFormatError
 
 
 def all_keys(root) -> list[str]:

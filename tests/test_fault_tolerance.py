@@ -22,7 +22,7 @@ from pixelflow.data.loader import LaneReader, ReadSettings
 from pixelflow.data.shard_format import read_manifest
 from pixelflow.data.storage import filesystem
 from pixelflow.errors import EXIT_STOPPED
-from pixelflow.train.checkpoint import committed_checkpoints
+from pixelflow.weights import committed_checkpoints
 from tests.conftest import REPO, tiny_overrides
 from tests.s3 import free_port
 from tests.test_distributed import ENV

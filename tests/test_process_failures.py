@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from pixelflow.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, EXIT_STOPPED
-from pixelflow.train.checkpoint import committed_checkpoints, verify
+from pixelflow.weights import committed_checkpoints, verify
 from tests.conftest import REPO, error_lines, tiny_overrides
 from tests.s3 import free_port
 from tests.test_distributed import ENV

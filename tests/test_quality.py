@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pixelflow.config import ConfigError
+from pixelflow.errors import ConfigError
 from pixelflow.quality.inception import load_inception
 from pixelflow.quality.scores import Statistics, frechet_distance, inception_features, inception_scores
 

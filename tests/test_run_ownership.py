@@ -12,10 +12,9 @@ import sys
 
 import pytest
 
-from pixelflow.config import ConfigError
-from pixelflow.errors import EXIT_STOPPED, EXIT_USER_ERROR
-from pixelflow.train.checkpoint import committed_checkpoints, export
+from pixelflow.errors import EXIT_STOPPED, EXIT_USER_ERROR, ConfigError
 from pixelflow.train.trainer import train
+from pixelflow.weights import committed_checkpoints, export
 from tests.conftest import REPO, cli, error_lines, tiny_config, tiny_overrides
 from tests.test_checkpoint import snapshot
 from tests.test_distributed import ENV

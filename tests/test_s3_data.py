@@ -19,7 +19,8 @@ from PIL import Image
 from data_tools.ingest import Options, ingest
 from pixelflow.data.loader import DataStream, LaneReader, ReadSettings, merge_states
 from pixelflow.data.shard_format import read_index, read_manifest
-from pixelflow.data.storage import StorageError, filesystem
+from pixelflow.data.storage import filesystem
+from pixelflow.errors import StorageError
 from tests.conftest import REPO
 from tests.s3 import FaultyProxy
 

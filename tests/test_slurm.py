@@ -247,8 +247,8 @@ def test_array_eval_draws_the_images_one_process_draws(tmp_path, shapes_dataset,
 def test_a_preempted_job_started_from_a_path_continues_from_its_own_checkpoint(tmp_path, shapes_dataset, slurm_cluster):
     """resume=EXPORT names where the run starts: the requeued job continues from the run's own newest
     checkpoint, not from the export at step 0, and metrics hold every step once."""
-    from pixelflow.train.checkpoint import export
     from pixelflow.train.trainer import train
+    from pixelflow.weights import export
     from tests.conftest import tiny_config
 
     source = train(tiny_config(tmp_path / "source", shapes_dataset, "train.steps=2")).run_dir

@@ -13,13 +13,14 @@ import torch
 
 from data_tools.text import encode_text, tiny_text_encoder
 from pixelflow.cascade import CascadeSchedule, build_training_batch
-from pixelflow.config import ConfigError, ModelConfig
+from pixelflow.config import ModelConfig
+from pixelflow.errors import ConfigError
 from pixelflow.model import PackedLayout, PixelFlowTransformer
 from pixelflow.model.layout import patchify
 from pixelflow.model.text_encoder import TextEncoder
-from pixelflow.train.checkpoint import read_weights
 from pixelflow.train.text_conditioning import UnitText
 from pixelflow.train.trainer import train
+from pixelflow.weights import read_weights
 from tests.conftest import REPO, run_ranks, tiny_config, tiny_overrides
 
 TEXT_DIM = 16
@@ -297,7 +298,7 @@ def test_text_units_of_one_sample_exchange_and_train_like_one_process(tmp_path, 
 def test_embeddings_of_another_encoder_are_encoded_again_and_never_read_as_the_models(
     tmp_path, shapes_dataset, text_encoder_dir
 ):
-    from pixelflow.data.shard_format import ShardFormatError
+    from pixelflow.errors import ShardFormatError
     from tests.conftest import cli
 
     data = tmp_path / "data"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelflow.train.checkpoint import committed_checkpoints, read_weights
 from pixelflow.train.trainer import train
+from pixelflow.weights import committed_checkpoints, read_weights
 from tests.conftest import REPO, tiny_config
 
 

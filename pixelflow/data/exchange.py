@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pixelflow.data.loader import ReadShare
 from pixelflow.data.planner import StepPlan
-from pixelflow.model.layout import to_device
+from pixelflow.devices import to_device
 
 LABEL_BYTES = 8  # an int64 label travels as 8 uint8 columns after the image's
 

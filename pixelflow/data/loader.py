@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pixelflow.config import ConfigError
 from pixelflow.data import text_store
 from pixelflow.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_crop
-from pixelflow.data.shard_format import Manifest, SampleEntry, ShardFormatError, parse_sample, read_index, read_manifest
-from pixelflow.data.storage import StorageError, filesystem, with_retries
+from pixelflow.data.shard_format import Manifest, SampleEntry, parse_sample, read_index, read_manifest
+from pixelflow.data.storage import filesystem, with_retries
+from pixelflow.errors import ConfigError, ShardFormatError, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import tar_file_iterator
 
 from pixelflow.data.storage import with_retries
+from pixelflow.errors import ShardFormatError
 
 FORMAT_NAME = "pixelflow-shards"
 FORMAT_VERSION = 1
@@ -29,10 +30,6 @@ MANIFEST_NAME = "manifest.json"
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-]*$")
 _SHARD_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.tar$")
-
-
-class ShardFormatError(ValueError):
-    """A dataset file does not follow the shard format; the message names the file."""
 
 
 def shard_name(number: int) -> str:

@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import fsspec
 
+from pixelflow.errors import StorageError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -42,10 +44,6 @@ def is_transient(exc: BaseException) -> bool:
 
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
-
-
-class StorageError(OSError):
-    """Storage kept failing after every retry; the message names the object."""
 
 
 def storage_options(path: str, endpoint_url: str | None = None) -> dict:

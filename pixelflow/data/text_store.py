@@ -15,8 +15,9 @@ import json
 
 import numpy as np
 
-from pixelflow.data.shard_format import ShardFormatError, write_json_atomically
+from pixelflow.data.shard_format import write_json_atomically
 from pixelflow.data.storage import with_retries
+from pixelflow.errors import ShardFormatError
 
 SUFFIX = ".f16"
 

@@ -155,10 +155,3 @@ def unpatchify(tokens: torch.Tensor, count: int, side: int, patch_size: int) -> 
     c = tokens.shape[-1] // (p * p)
     grid = tokens.reshape(count, side, side, c, p, p).permute(0, 3, 1, 4, 2, 5)
     return grid.reshape(count, c, side * p, side * p)
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor without making the host wait for the device (pinned, non-blocking)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelflow.config import ModelConfig
+from pixelflow.devices import to_device
 from pixelflow.model.attention import CrossAttention, RMSNorm, SelfAttention, StreamContext
 from pixelflow.model.embeddings import ScalarEmbedder, rope_table
-from pixelflow.model.layout import PackedLayout, expand_to_tokens, patchify, stream_pieces, to_device, unpatchify
+from pixelflow.model.layout import PackedLayout, expand_to_tokens, patchify, stream_pieces, unpatchify
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

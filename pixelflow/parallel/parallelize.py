@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixelflow.config import Config, ConfigError, compile_enabled, fused_qkv_enabled
+from pixelflow.config import Config, compile_enabled, fused_qkv_enabled
+from pixelflow.errors import ConfigError
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.model.attention import SelfAttention, set_attention_backend
 from pixelflow.parallel.ulysses import UlyssesAttention

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelflow.config import ConfigError
+from pixelflow.errors import ConfigError
 
 INPUT_SIDE = 299
 POOL_DIM = 2048

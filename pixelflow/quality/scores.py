@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pixelflow.config import ConfigError
+from pixelflow.errors import ConfigError
 from pixelflow.quality.inception import FIDInception, load_inception
 
 

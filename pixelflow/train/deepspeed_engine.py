@@ -161,7 +161,7 @@ class NativeState:
 
     def load_files(self, folder: Path) -> None:
         if self.saved_world_size != dist.get_world_size():
-            from pixelflow.train.checkpoint import CheckpointError
+            from pixelflow.errors import CheckpointError
 
             raise CheckpointError(
                 f"{folder}: DeepSpeed ZeRO-3 state of {self.saved_world_size} ranks cannot reshard onto "

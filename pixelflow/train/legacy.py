@@ -9,9 +9,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from pixelflow.config import CheckpointConfig, from_yaml
+from pixelflow.errors import CheckpointError
 from pixelflow.parallel.world import World
-from pixelflow.train.checkpoint import Checkpointer, CheckpointError, load_legacy, step_dir
+from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.engine import FsdpEngine
+from pixelflow.weights import load_legacy, step_dir
 
 
 class _Saved:

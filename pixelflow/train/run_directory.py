@@ -30,11 +30,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pixelflow.config import Config, ConfigError, to_yaml
+from pixelflow.config import Config, to_yaml
+from pixelflow.errors import CheckpointError, ConfigError
 from pixelflow.records import read_records, split_at_step, write_lines
-from pixelflow.train.checkpoint import (
+from pixelflow.weights import (
     CONFIG,
-    CheckpointError,
     ResumeSource,
     committed_checkpoints,
     legacy_checkpoints,

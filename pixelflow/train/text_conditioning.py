@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pixelflow.config import Config, ConfigError
+from pixelflow.config import Config
 from pixelflow.data.storage import filesystem, storage_options
 from pixelflow.data.text_store import embeddings_location, read_info
-from pixelflow.model.layout import to_device
+from pixelflow.devices import to_device
+from pixelflow.errors import ConfigError
 from pixelflow.model.text_encoder import bucket_length, check_encoder_path, pad_tokens
 from pixelflow.parallel.world import World
 

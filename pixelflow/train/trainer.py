@@ -16,17 +16,18 @@ import torch
 import torch.distributed as dist
 
 from pixelflow.cascade import CascadeSchedule, build_training_batch, per_sequence_mse
-from pixelflow.config import Config, ConfigError, compile_enabled, to_yaml
+from pixelflow.config import Config, compile_enabled, to_yaml
 from pixelflow.data.exchange import exchange
 from pixelflow.data.loader import DataStream, lane_reader, merge_states, slot_lanes
 from pixelflow.data.planner import StepPlan, plan_settings, plan_step
 from pixelflow.data.storage import storage_options
 from pixelflow.data.text_store import embeddings_location
-from pixelflow.errors import EXIT_FINISHED, EXIT_STOPPED, NonFiniteError, RunFailure
-from pixelflow.model.layout import stream_pieces, to_device
+from pixelflow.devices import to_device
+from pixelflow.errors import EXIT_FINISHED, EXIT_STOPPED, ConfigError, NonFiniteError, RunFailure
+from pixelflow.model.layout import stream_pieces
 from pixelflow.parallel.ulysses import sp_slice
 from pixelflow.parallel.world import World, from_main, init_world, shutdown
-from pixelflow.train.checkpoint import Checkpointer, committed_checkpoints
+from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.engine import Engine, build_engine
 from pixelflow.train.metrics import MetricsLogger, SampleKeyLog
 from pixelflow.train.preflight import preflight
@@ -34,6 +35,7 @@ from pixelflow.train.run_directory import RunLock, StartPlan, archive_lineage
 from pixelflow.train.samples import PeriodicSamples
 from pixelflow.train.signals import StopSignals, die_with_launcher, signal_numbers
 from pixelflow.train.text_conditioning import TextConditioner, UnitText
+from pixelflow.weights import committed_checkpoints
 
 log = logging.getLogger(__name__)
 
