@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 DEMO_CLASSES := 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo demo-t2i test lint format clean
+.PHONY: setup demo demo-t2i test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,13 @@ demo-t2i: setup
 	$(PY) -m pixelflow sample --checkpoint runs/demo_t2i --out runs/demo_t2i/samples/grid.png --per-class 2 \
 		--prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" --prompt "a yellow diamond"
 
+# everything (what CI runs), with the slowest tests' times in the output
 test: setup lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
+
+# the inner loop: no subprocess ranks, SLURM or multi-second runs (`slow`), a few minutes on 2 cores
+test-fast: setup
+	$(PY) -m pytest -m "not slow" -q
 
 lint: setup
 	$(PY) -m ruff check .

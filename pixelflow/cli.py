@@ -126,7 +126,7 @@ def _sample(args: argparse.Namespace) -> None:
     else:
         count = args.num
     steps = args.steps if args.steps is not None else cfg.sample.steps_per_stage
-    scale = cfg.sample.cfg if args.cfg is None else args.cfg
+    scale = cfg.sample.guidance_scale if args.cfg is None else args.cfg
     solver = args.solver or cfg.sample.solver
     with torch.inference_mode(), Progress(steps * cfg.cascade.stages, "sample", "step") as bar:
         images = generate(model, cfg, labels, count, args.seed, steps, scale, device, solver, prompts, bar.update)

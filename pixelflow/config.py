@@ -6,6 +6,7 @@ Every mistake a user can make in a config (unknown key, wrong type, impossible v
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -17,6 +18,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pixelflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,7 +138,7 @@ class CheckpointConfig:
 @dataclass
 class SampleConfig:
     steps_per_stage: int = 30
-    cfg: float = 2.4
+    guidance_scale: float = 2.4  # the final stage's CFG scale (`cfg` before: still read, with a warning)
     cfg_ramp: list[float] | None = None  # per-stage CFG ramp; None = the paper's (0, 1/6, 2/3, 1)
     shift: float = 1.0
     solver: str = "euler"  # euler (the reference grid) | dopri5 (adaptive, needs torchdiffeq)
@@ -219,14 +222,17 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     cfg = OmegaConf.structured(Config)
     try:
-        cfg = OmegaConf.merge(cfg, from_file)
+        cfg = OmegaConf.merge(cfg, renamed(from_file, str(path)))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {_explain(exc)}") from None
+    overridden = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0].strip()
+        overridden.add(RENAMED.get(key, key))
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(cfg, renamed(OmegaConf.from_dotlist([item]), "command line override"))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command line override '{item}': {_explain(exc)}") from None
     try:
@@ -234,13 +240,31 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {_explain(exc)}") from None
 
-    overridden = {item.split("=", 1)[0].strip() for item in overrides}
     problem = first_problem(config)
     if problem is not None:
         key, reason = problem
         source = "command line override" if key in overridden else str(path)
         raise ConfigError(f"{source}: '{key}' {reason}")
     return config
+
+
+RENAMED = {"sample.cfg": "sample.guidance_scale"}  # old key -> new key: old configs and overrides still load
+
+
+def renamed(conf, where: str | None):
+    """conf with every old key of RENAMED moved to its new name (a warning naming `where`, unless None:
+    configs saved inside checkpoints are read as they are); both names at once is an error."""
+    for old, new in RENAMED.items():
+        if OmegaConf.select(conf, old, default=None) is None:
+            continue
+        if OmegaConf.select(conf, new, default=None) is not None:
+            raise ConfigError(f"{where or 'saved config'}: '{old}' and '{new}' are the same setting: give '{new}' only")
+        parent, leaf = old.rsplit(".", 1)
+        OmegaConf.update(conf, new, OmegaConf.select(conf, old), merge=False)
+        OmegaConf.select(conf, parent).pop(leaf)
+        if where is not None:
+            log.warning("%s: '%s' is now '%s' (the old name is read for now)", where, old, new)
+    return conf
 
 
 def nonfinite_number(node, prefix: str = "") -> tuple[str, object] | None:
@@ -301,7 +325,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
     m, c, d, t = cfg.model, cfg.cascade, cfg.data, cfg.train
     granule = m.patch_size * 2 ** (c.stages - 1)
     top_tokens = (d.resolution // max(m.patch_size, 1)) ** 2
-    sample_steps, guidance = steps_problem(cfg.sample.steps_per_stage), guidance_problem(cfg.sample.cfg)
+    sample_steps, guidance = steps_problem(cfg.sample.steps_per_stage), guidance_problem(cfg.sample.guidance_scale)
     checks: list[tuple[bool, str, str]] = [
         (c.stages >= 1, "cascade.stages", f"= {c.stages} must be at least 1"),
         (m.patch_size >= 1, "model.patch_size", f"= {m.patch_size} must be at least 1"),
@@ -448,7 +472,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             f"= {list(t.stop_signals)} must name catchable signals, e.g. [SIGTERM, SIGUSR2]",
         ),
         (not sample_steps, "sample.steps_per_stage", f"= {cfg.sample.steps_per_stage} {sample_steps}"),
-        (not guidance, "sample.cfg", f"= {cfg.sample.cfg} {guidance}"),
+        (not guidance, "sample.guidance_scale", f"= {cfg.sample.guidance_scale} {guidance}"),
         (
             cfg.sample.cfg_ramp is None or len(cfg.sample.cfg_ramp) == c.stages,
             "sample.cfg_ramp",
@@ -533,7 +557,7 @@ def from_yaml(text: str, unset_env_ok: bool = False) -> Config:
     """Rebuild a Config saved with to_yaml (e.g. inside a checkpoint); `${oc.env:...}` values resolve here.
     unset_env_ok (sampling, export: they need the model, not the data) puts the schema's default, or
     "(unset)", where a variable is not set in this environment."""
-    conf = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    conf = OmegaConf.merge(OmegaConf.structured(Config), renamed(OmegaConf.create(text), None))
     if unset_env_ok:
         defaults = OmegaConf.structured(Config)
         for key in _env_interpolations(conf):

@@ -71,7 +71,7 @@ def provenance(spec: EvalSpec, cfg: Config, checkpoint: dict, encoder: dict | No
         "batch": spec.batch,
         "seed": spec.seed,
         "steps_per_stage": spec.steps if spec.steps is not None else cfg.sample.steps_per_stage,
-        "guidance_scale": spec.cfg_scale if spec.cfg_scale is not None else cfg.sample.cfg,
+        "guidance_scale": spec.cfg_scale if spec.cfg_scale is not None else cfg.sample.guidance_scale,
         "cfg_ramp": cfg.sample.cfg_ramp,
         "shift": cfg.sample.shift,
         "solver": cfg.sample.solver,
@@ -176,7 +176,7 @@ def draw_images(
 ) -> int:
     """Draw the missing images of part i of n (a rank, or a SLURM array task); returns how many it drew."""
     steps = spec.steps if spec.steps is not None else cfg.sample.steps_per_stage
-    scale = cfg.sample.cfg if spec.cfg_scale is None else spec.cfg_scale
+    scale = cfg.sample.guidance_scale if spec.cfg_scale is None else spec.cfg_scale
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     labels = spec.labels()

@@ -34,7 +34,7 @@ def error_lines(capsys) -> list[str]:
     [
         ("train.lr=inf", "'train.lr' = inf must be a finite number"),
         ("train.betas=[0.9,nan]", "'train.betas' = [0.9, nan] must be a finite number"),
-        ("sample.cfg=-inf", "'sample.cfg' = -inf must be a finite number"),
+        ("sample.guidance_scale=-inf", "'sample.guidance_scale' = -inf must be a finite number"),
     ],
 )
 def test_non_finite_config_numbers_are_config_errors(override, message):
@@ -150,6 +150,7 @@ def test_an_out_path_that_is_a_directory_is_refused(tmp_path, capsys):
     assert error_lines(capsys)[-1] == f"pixelflow: error: --out {tmp_path / 'dir.png'}: is a directory"
 
 
+@pytest.mark.slow
 def test_an_unreachable_store_fails_in_one_line_after_the_configured_retries(tmp_path):
     port = free_port()  # nothing listens there
     overrides = tiny_overrides(tmp_path / "run", "s3://bucket/data", "data.retries=2", "data.retry_wait=0")
@@ -508,6 +509,7 @@ def test_report_tells_runs_of_one_name_apart_skips_a_torn_line_and_says_when_the
     assert not (tmp_path / "nothing").exists()
 
 
+@pytest.mark.slow
 def test_an_export_never_shadows_checkpoints_and_replaces_an_export_only_when_forced(tmp_path, shapes_dataset):
     from pixelflow.weights import EXPORT_WEIGHTS
 

@@ -250,6 +250,7 @@ def test_dopri5_integrates_each_stage_over_its_window():
     assert (out - target).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow
 def test_compiled_sampling_draws_the_images_eager_sampling_draws(tmp_path, shapes_dataset):
     """`pixelflow sample --compile` (inductor, one graph per stage shape) matches the eager model."""
     from pixelflow.generate import generate

@@ -107,6 +107,7 @@ def test_pruning_keeps_the_newest_and_every_kth_and_leaves_stray_entries_alone(t
     )
 
 
+@pytest.mark.slow
 def test_export_samples_the_same_images_as_the_run_directory(tmp_path, shapes_dataset):
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
     for which in ("ema", "model"):
@@ -177,6 +178,7 @@ def write_legacy_checkpoint(run_dir, shapes_dataset, step: int) -> None:
     shutil.rmtree(folder)
 
 
+@pytest.mark.slow
 def test_older_single_file_checkpoints_sample_and_convert_to_resume_exactly(tmp_path, shapes_dataset, nine_steps):
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
     write_legacy_checkpoint(run_dir, shapes_dataset, 3)

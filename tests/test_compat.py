@@ -126,6 +126,7 @@ def test_adapter_rejects_inputs_it_would_silently_misread(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_cli_converts_and_samples_from_the_converted_checkpoint(tmp_path):
     write_reference(tmp_path / "ref")
     run = [sys.executable, "-m", "pixelflow"]

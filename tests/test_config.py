@@ -113,3 +113,25 @@ def test_process_count_must_match_the_mesh(tmp_path):
     assert layout_for(automatic, 8) == (1, 4, 2, 1)  # the planner deals 6 samples over 4 data ranks by cost
     with_tp = load_config(write(tmp_path, BASE), ["parallel.tp=2", "parallel.sp=2"])
     assert layout_for(with_tp, 8) == (1, 2, 2, 2)
+
+
+def test_the_old_name_sample_cfg_still_loads_as_guidance_scale_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from pixelflow.config import from_yaml, to_yaml
+
+    old = tmp_path / "old.yaml"
+    old.write_text((REPO / "configs" / "demo.yaml").read_text().replace("guidance_scale: 3.0", "cfg: 3.5"))
+    with caplog.at_level(logging.WARNING):
+        assert load_config(old).sample.guidance_scale == 3.5
+        assert load_config(REPO / "configs" / "demo.yaml", ["sample.cfg=1.5"]).sample.guidance_scale == 1.5
+    assert f"{old}: 'sample.cfg' is now 'sample.guidance_scale'" in caplog.text
+    assert "command line override: 'sample.cfg' is now 'sample.guidance_scale'" in caplog.text
+    saved = to_yaml(load_config(REPO / "configs" / "demo.yaml")).replace("guidance_scale:", "cfg:")
+    assert from_yaml(saved).sample.guidance_scale == 3.0  # a checkpoint written before the rename
+    both = tmp_path / "both.yaml"
+    both.write_text(old.read_text().replace("cfg: 3.5", "cfg: 3.5\n  guidance_scale: 2.0"))
+    with pytest.raises(ConfigError, match=f"^{both}: 'sample.cfg' and 'sample.guidance_scale' are the same setting"):
+        load_config(both)
+    with pytest.raises(ConfigError, match=r"^command line override: 'sample.guidance_scale' = nan must be"):
+        load_config(REPO / "configs" / "demo.yaml", ["sample.cfg=nan"])

@@ -10,12 +10,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from benchmarks.gpu_checks import Check, Sizes, checks, run_check, summary
 from tests.conftest import REPO
 
 FIELDS = {"name", "ok", "seconds", "figures", "error"}
 
 
+@pytest.mark.slow
 def test_the_dry_run_runs_every_part_on_cpu_and_writes_one_line_per_check(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     command = [sys.executable, "benchmarks/gpu_checks.py", "--cpu-dry-run", "--out", str(out), "--work", str(work)]

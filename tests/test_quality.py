@@ -83,6 +83,7 @@ def test_missing_or_wrong_inception_weights_are_one_clear_error(tmp_path):
         load_inception(tmp_path / "wrong.pth")
 
 
+@pytest.mark.slow
 def test_shape_classifier_learns_the_synthetic_classes_and_loads_weights_only(tmp_path):
     from data_tools.classifier import render, train_classifier
     from pixelflow.quality.classifier import class_accuracy, load_classifier

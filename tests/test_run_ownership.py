@@ -69,6 +69,7 @@ def test_an_export_into_a_used_run_directory_archives_its_lineage_and_overwrites
     assert steps(run_dir / "metrics.jsonl") == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_from_a_path_continues_the_runs_own_checkpoints_after_each_stop(tmp_path, shapes_dataset):
     """resume=EXPORT through `pixelflow-launch local`, stopped with SIGTERM twice: each start after the first
     continues from the run's own newest checkpoint (not the export at step 0) and metrics hold every step once."""

@@ -222,7 +222,7 @@ def test_the_periodic_grid_samples_its_images_in_one_batch_as_each_alone(tmp_pat
     torch.manual_seed(3)
     model = PixelFlowTransformer(cfg.model).eval()
     grid = PeriodicSamples(cfg, World(0, 1, torch.device("cpu")), tmp_path).write(1, model.state_dict())
-    alone = [generate(model, cfg, [i], 1, cfg.seed + i, 2, cfg.sample.cfg)[0] for i in range(3)]
+    alone = [generate(model, cfg, [i], 1, cfg.seed + i, 2, cfg.sample.guidance_scale)[0] for i in range(3)]
     pixels = np.asarray(Image.open(grid)).astype(int)
     for i, image in enumerate(alone):
         top, left = 2 + (i // 2) * 34, 2 + (i % 2) * 34

@@ -61,7 +61,7 @@ class PeriodicSamples:
                     len(mine),
                     [self.cfg.seed + index for index in mine],
                     self.cfg.sample.steps_per_stage,
-                    self.cfg.sample.cfg,
+                    self.cfg.sample.guidance_scale,
                     device,
                     self.cfg.sample.solver,
                     prompts,
