@@ -444,6 +444,12 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             f"= '{cfg.parallel.backend}' must be auto, nccl or gloo",
         ),
         (
+            cfg.engine != "deepspeed" or (not cfg.parallel.compile and cfg.parallel.activation_checkpointing == "none"),
+            "engine",
+            "= deepspeed runs its own module hooks: parallel.compile and parallel.activation_checkpointing are "
+            "for the fsdp engine (leave them unset)",
+        ),
+        (
             not cfg.parallel.float8 or (cfg.engine == "fsdp" and cfg.parallel.tp == 1),
             "parallel.float8",
             "= true runs with the fsdp engine and parallel.tp = 1 (megatron-core's layers are not torchao's)",

@@ -28,11 +28,17 @@ def load_for_sampling(
     single-file checkpoint."""
     flush_denormals()
     state, cfg = read_weights(Path(checkpoint), weights)
-    model = PixelFlowTransformer(cfg.model)
+    model = sampling_model(cfg, torch.device(device), dtype)
     model.load_state_dict(state)
-    model = model.to(device=device, dtype=dtype).eval()
-    set_attention_backend(model, cfg.model.attention, torch.device(device).type)
     return model, cfg
+
+
+def sampling_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> PixelFlowTransformer:
+    """An eval-mode model of cfg on `device` in `dtype` with the config's attention kernel (weights random
+    until loaded): what every sampler runs, from a checkpoint or from the trainer's EMA."""
+    model = PixelFlowTransformer(cfg.model).to(device=device, dtype=dtype).eval()
+    set_attention_backend(model, cfg.model.attention, device.type)
+    return model
 
 
 @dataclass

@@ -135,3 +135,9 @@ def test_the_old_name_sample_cfg_still_loads_as_guidance_scale_with_a_warning(tm
         load_config(both)
     with pytest.raises(ConfigError, match=r"^command line override: 'sample.guidance_scale' = nan must be"):
         load_config(REPO / "configs" / "demo.yaml", ["sample.cfg=nan"])
+
+
+@pytest.mark.parametrize("override", ["parallel.compile=true", "parallel.activation_checkpointing=full"])
+def test_deepspeed_refuses_the_fsdp_engines_options_instead_of_ignoring_them(override):
+    with pytest.raises(ConfigError, match="= deepspeed runs its own module hooks: parallel.compile and parallel"):
+        load_config(REPO / "configs" / "demo.yaml", ["engine=deepspeed", override])

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pixelflow.config import Config
-from pixelflow.model.attention import set_attention_backend
+from pixelflow.parallel import parallelize
 from pixelflow.parallel.world import World
 from pixelflow.train.engine import initial_model
 from pixelflow.train.optim import build_optimizer
@@ -82,8 +82,7 @@ class DeepSpeedEngine:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's own launcher's variable
 
-        model = initial_model(cfg)
-        set_attention_backend(model, cfg.model.attention, world.device.type)
+        model = parallelize(initial_model(cfg), cfg, world.device, world)  # kernels only: ZeRO-3 does the rest
         optimizer, lr_schedule = build_optimizer(model, cfg.train)
         config = {  # nominal sizes: the planner's micro-batches vary, the trainer marks the step's last one
             "train_batch_size": world.dp_size,
