@@ -24,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import device_name, emit, synchronize  # noqa: E402
-from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
 from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world, shutdown  # noqa: E402
+from pixelflow.train.batches import UnitBatch  # noqa: E402
 from pixelflow.train.checkpoint import Checkpointer  # noqa: E402
 from pixelflow.train.engine import build_engine  # noqa: E402
-from pixelflow.train.trainer import train_step  # noqa: E402
+from pixelflow.train.step import StepRunner  # noqa: E402
 from pixelflow.weights import step_dir  # noqa: E402
 
 # ~130M parameters: 12 blocks of 768 (12 heads x 64)
@@ -67,8 +67,7 @@ def main() -> None:
     local = len(plan.samples_of(world.dp_rank))
     side, device = cfg.data.resolution, world.device  # the step's inputs live where it runs
     images = torch.randint(0, 256, (local, 3, side, side), dtype=torch.uint8, device=device)
-    schedule = CascadeSchedule.build(cfg.cascade.stages)
-    train_step(engine, images, torch.zeros(local, dtype=torch.long, device=device), plan, 1, cfg, schedule, world)
+    StepRunner(cfg, world, engine).run(UnitBatch(1, plan, images, torch.zeros(local, dtype=torch.long, device=device)))
     parts = {**engine.checkpoint_parts(), "train": FixedProgress()}
     parameters = sum(p.numel() for p in engine.model.parameters())
     if world.distributed:  # parameters() are this rank's shards under FSDP2

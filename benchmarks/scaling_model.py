@@ -188,12 +188,12 @@ def check(overrides: list[str]) -> None:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from pixelflow.cascade import CascadeSchedule
     from pixelflow.config import load_config
     from pixelflow.data.planner import plan_settings
     from pixelflow.parallel.world import init_world, shutdown
+    from pixelflow.train.batches import UnitBatch
     from pixelflow.train.engine import build_engine
-    from pixelflow.train.trainer import train_step
+    from pixelflow.train.step import StepRunner
 
     torch.set_num_threads(1)
     base = [
@@ -210,7 +210,7 @@ def check(overrides: list[str]) -> None:
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", base + overrides)
     world = init_world(cfg, "cpu")
     engine = build_engine(cfg, world)
-    schedule = CascadeSchedule.build(cfg.cascade.stages)
+    runner = StepRunner(cfg, world, engine)
     settings = plan_settings(cfg, world.dp_size)
     images = torch.randint(0, 256, (cfg.train.global_batch, 3, 32, 32), dtype=torch.uint8)
     labels = torch.zeros(cfg.train.global_batch, dtype=torch.long)
@@ -220,10 +220,10 @@ def check(overrides: list[str]) -> None:
         plan = plan_step(settings, step)
         mine = torch.from_numpy(plan.samples_of(world.dp_rank))
         if step == 1:  # warm-up outside the profile
-            train_step(engine, images[mine], labels[mine], plan, step, cfg, schedule, world)
+            runner.run(UnitBatch(step, plan, images[mine], labels[mine]))
             continue
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            train_step(engine, images[mine], labels[mine], plan, step, cfg, schedule, world)
+            runner.run(UnitBatch(step, plan, images[mine], labels[mine]))
         for event in prof.events():
             kind = collective_kind(event)
             if kind:

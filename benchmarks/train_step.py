@@ -35,8 +35,9 @@ from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
 from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world  # noqa: E402
+from pixelflow.train.batches import UnitBatch  # noqa: E402
 from pixelflow.train.engine import build_engine  # noqa: E402
-from pixelflow.train.trainer import train_step  # noqa: E402
+from pixelflow.train.step import StepRunner  # noqa: E402
 
 
 def step_flops(cfg, schedule: CascadeSchedule, stages: list[int]) -> float:
@@ -127,7 +128,8 @@ def measure(args: argparse.Namespace, batch_size: int) -> dict:
         "attention": args.attention,
     }
     engine = build_engine(cfg, world)
-    schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
+    runner = StepRunner(cfg, world, engine)
+    schedule = runner.schedule
     side = cfg.data.resolution
     images = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=device)
     labels = torch.randint(0, max(cfg.model.num_classes, 1), (batch_size,), device=device)
@@ -137,7 +139,7 @@ def measure(args: argparse.Namespace, batch_size: int) -> dict:
         step = next(steps)
         plan = plan_step(settings, step)
         mine = torch.from_numpy(plan.samples_of(world.dp_rank)).to(device)
-        train_step(engine, images[mine], labels[mine], plan, step, cfg, schedule, world)
+        runner.run(UnitBatch(step, plan, images[mine], labels[mine]))
 
     try:
         timed(device, one_step, args.warmup)

@@ -20,12 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 torch.set_num_threads(1)
 
-from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
 from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world, shutdown  # noqa: E402
+from pixelflow.train.batches import UnitBatch  # noqa: E402
 from pixelflow.train.engine import build_engine  # noqa: E402
-from pixelflow.train.trainer import LossWindow, train_step  # noqa: E402
+from pixelflow.train.metrics import LossWindow  # noqa: E402
+from pixelflow.train.step import StepRunner  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -59,7 +60,7 @@ def train(out: Path, overrides: list[str]) -> None:
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY + overrides)
     world = init_world(cfg, "cpu")
     engine = build_engine(cfg, world)
-    schedule = CascadeSchedule.build(cfg.cascade.stages)
+    runner = StepRunner(cfg, world, engine)
     settings = plan_settings(cfg, world.dp_size)
     losses, norms, micro_counts = [], [], []
     for step in range(1, cfg.train.steps + 1):
@@ -67,7 +68,7 @@ def train(out: Path, overrides: list[str]) -> None:
         plan = plan_step(settings, step)
         mine = torch.from_numpy(plan.samples_of(world.dp_rank))
         window = LossWindow(cfg.cascade.stages, world, cfg.train.global_batch)
-        window.add(train_step(engine, images[mine], labels[mine], plan, step, cfg, schedule, world), plan)
+        window.add(runner.run(UnitBatch(step, plan, images[mine], labels[mine])), plan)
         record = window.summary(step, engine.last_lr)
         losses.append(record["loss"])
         norms.append(record["grad_norm"])

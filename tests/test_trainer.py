@@ -196,11 +196,11 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr_at_the_last_step():
 
 def test_the_step_refuses_inputs_on_another_device(tmp_path, shapes_dataset):
     """The checkpoint benchmark once handed CPU images to a CUDA step; the step names the mismatch at once."""
-    from pixelflow.cascade import CascadeSchedule
     from pixelflow.data.planner import plan_settings, plan_step
     from pixelflow.parallel.world import World
+    from pixelflow.train.batches import UnitBatch
     from pixelflow.train.engine import build_engine
-    from pixelflow.train.trainer import train_step
+    from pixelflow.train.step import StepRunner
 
     cfg = tiny_config(tmp_path, shapes_dataset)
     world = World(0, 1, torch.device("cpu"))
@@ -208,7 +208,7 @@ def test_the_step_refuses_inputs_on_another_device(tmp_path, shapes_dataset):
     images = torch.zeros((8, 3, 32, 32), dtype=torch.uint8, device="meta")
     labels = torch.zeros(8, dtype=torch.long)
     with pytest.raises(ValueError, match="images on meta and labels on cpu, but the step runs on cpu"):
-        train_step(build_engine(cfg, world), images, labels, plan, 1, cfg, CascadeSchedule.build(4), world)
+        StepRunner(cfg, world, build_engine(cfg, world)).run(UnitBatch(1, plan, images, labels))
 
 
 def test_the_periodic_grid_samples_its_images_in_one_batch_as_each_alone(tmp_path, shapes_dataset):

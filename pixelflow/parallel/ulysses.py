@@ -8,12 +8,15 @@ turns the result back. Projections, norms and MLPs never see the difference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from pixelflow.model.attention import StreamContext
+from pixelflow.model.layout import PackedLayout, Piece, stream_pieces
 
 
 def tokens_to_heads(x: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:
@@ -48,6 +51,37 @@ class UlyssesAttention(nn.Module):
         if padding:
             out = torch.cat([out, out.new_zeros(padding, out.shape[1])])
         return heads_to_tokens(out, self.group, self.size)
+
+
+@dataclass(frozen=True)
+class StreamShard:
+    """What one SP rank runs of a packed micro-batch: its token and target rows, its range of the stream
+    (None: the whole stream, no SP), the pieces of sequences it holds, and how many of its rows are real."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    token_range: tuple[int, int] | None
+    pieces: tuple[Piece, ...] | None
+    real: int
+
+
+def shard_stream(
+    tokens: torch.Tensor, targets: torch.Tensor, layout: PackedLayout, sp_rank: int, sp_size: int
+) -> StreamShard:
+    """This SP rank's equal slice of a packed stream (zero rows past its end); the stream itself when sp is 1."""
+    if sp_size == 1:
+        return StreamShard(tokens, targets, None, None, tokens.shape[0])
+    start, stop = sp_slice(layout.num_tokens, sp_rank, sp_size)
+    real = max(0, min(stop, layout.num_tokens) - start)
+    pieces = stream_pieces(layout, start, stop)
+    return StreamShard(slice_rows(tokens, start, stop), slice_rows(targets, start, stop), (start, stop), pieces, real)
+
+
+def slice_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor, zero rows past its end."""
+    part = tensor[start:stop]
+    missing = stop - start - part.shape[0]
+    return torch.cat([part, part.new_zeros(missing, *part.shape[1:])]) if missing else part
 
 
 def sp_slice(num_tokens: int, sp_rank: int, sp_size: int) -> tuple[int, int]:

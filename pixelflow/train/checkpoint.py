@@ -159,6 +159,10 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------------------- saving
 
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether this step saves: every checkpoint.every-th and the last (a stop saves whenever it comes)."""
+        return last or step % self.cfg.every == 0
+
     def save(self, step: int, parts: dict[str, Part], blocking: bool = False) -> None:
         """Save (collective). Asynchronous unless blocking or async saving is off; at most one in flight."""
         started = time.perf_counter()

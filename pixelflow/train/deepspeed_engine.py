@@ -72,6 +72,7 @@ class InputsAs(torch.nn.Module):
 
 class DeepSpeedEngine:
     PARTS = ("model", "ema", "deepspeed")  # of checkpoint_parts()
+    steps_in_backward = True
 
     def __init__(self, cfg: Config, world: World):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if world.device.type == "cuda" else "cpu")
@@ -117,6 +118,9 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         self.ema.update()
         return torch.as_tensor(float(norm) if norm is not None else 0.0)
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
 
     def checkpoint_parts(self) -> dict[str, Any]:
         return {"model": GatheredModel(self.engine.module), "ema": self.ema, "deepspeed": NativeState(self)}

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 class Engine(Protocol):
     model: torch.nn.Module
     last_lr: float
+    steps_in_backward: bool  # the optimizer steps inside the last backward (DeepSpeed): no step can be skipped
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Accumulate one micro-batch's gradients; `last` marks the step's final micro-batch."""
@@ -46,6 +47,10 @@ class Engine(Protocol):
         """Objects with state_dict()/load_state_dict(): model, ema, optimizer, ... (see train/checkpoint.py)."""
         ...
 
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """The EMA weights by parameter name (sharded where the engine shards; collective)."""
+        ...
+
 
 def initial_model(cfg: Config) -> PixelFlowTransformer:
     """The seeded initial weights, built on the CPU: identical for every engine and world layout."""
@@ -55,6 +60,7 @@ def initial_model(cfg: Config) -> PixelFlowTransformer:
 
 class FsdpEngine:
     PARTS = ("model", "ema", "optimizer", "lr_schedule")  # of checkpoint_parts()
+    steps_in_backward = False
 
     def __init__(self, cfg: Config, world: World):
         self.world, self.grad_clip = world, cfg.train.grad_clip
@@ -85,6 +91,9 @@ class FsdpEngine:
         self.lr_schedule.step()
         self.ema.update(self.model)
         return norm
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        return self.checkpoint_parts()["ema"].state_dict()
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """Tensor-parallel weights, EMA and moments are saved whole, so any tp resumes any other."""

@@ -1,0 +1,117 @@
+"""The data side of training behind one seam: `Batches` owns this rank's stream of shares, the step plan,
+the lane rule, the exchange that moves each sample to the rank that trains it, and the text conditioner,
+and yields one `UnitBatch` per step. Its state (every lane's cursor) is the data part of a checkpoint.
+
+The global batch of a step is a function of (seed, step) only, and the plan decides which unit trains
+which sample, so the same step trains the same samples on any layout (see data/planner.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pixelflow.config import Config
+from pixelflow.data.exchange import exchange
+from pixelflow.data.loader import DataStream, lane_reader, merge_states, slot_lanes
+from pixelflow.data.planner import StepPlan, plan_settings, plan_step
+from pixelflow.data.storage import storage_options
+from pixelflow.data.text_store import embeddings_location
+from pixelflow.parallel.world import World
+from pixelflow.train.signals import signal_numbers
+from pixelflow.train.text_conditioning import TextConditioner, UnitText
+
+
+@dataclass
+class UnitBatch:
+    """One step's samples for this rank's unit: `plan.samples_of(unit)` in that order, on the device."""
+
+    step: int
+    plan: StepPlan
+    images: torch.Tensor  # (n, 3, R, R) uint8
+    labels: torch.Tensor  # (n,) int64, -1 = unlabelled
+    text: UnitText | None = None  # caption embeddings, for text models
+    keys: tuple[str, ...] = ()  # the keys this data rank read for the step (train.log_sample_keys)
+    wait_s: float = 0.0  # blocked on the loader and the exchange
+
+
+class Batches:
+    def __init__(self, cfg: Config, world: World, *, state: dict | None, first_step: int):
+        self.world, self.global_batch, self.step = world, cfg.train.global_batch, first_step - 1
+        self.conditioner = TextConditioner(cfg, world) if cfg.model.text_dim else None
+        self.stream = open_stream(cfg, world, state, first_step)
+        self.settings = plan_settings(cfg, world.dp_size)
+        self.group = world.dp_mesh.get_group() if world.distributed and world.dp_size > 1 else None
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> UnitBatch:
+        waiting = time.perf_counter()
+        share = next(self.stream)
+        self.step += 1
+        plan = plan_step(self.settings, self.step)
+        readers = lane_reader(slot_lanes(self.step, self.global_batch, self.stream.num_lanes), self.world.dp_size)
+        world, with_text = self.world, self.conditioner is not None
+        images, labels, payloads = exchange(
+            share, plan, readers, world.dp_rank, self.group, world.device, with_text, world.control
+        )
+        waited = time.perf_counter() - waiting
+        text = self.conditioner.unit(payloads) if self.conditioner is not None else None
+        return UnitBatch(self.step, plan, images, labels, text, tuple(share.keys), waited)
+
+    def state_dict(self) -> dict:
+        """Every lane's cursor (collective: the lanes are spread over the data ranks)."""
+        return merge_states(gather(self.world, self.stream.state_dict()))
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def gather(world: World, value):
+    """Every rank's value, in rank order (collective)."""
+    if not world.distributed:
+        return [value]
+    out = [None] * world.size
+    dist.all_gather_object(out, value, group=world.control)
+    return out
+
+
+def open_stream(cfg: Config, world: World, state: dict | None, first_step: int) -> DataStream:
+    """This data rank's share of every global batch from `first_step` on, continuing from a checkpoint's lane
+    cursors when given."""
+    return DataStream(
+        cfg.data.path,
+        cfg.train.global_batch,
+        cfg.data.resolution,
+        cfg.seed,
+        cfg.data.num_workers,
+        cfg.data.shuffle_block,
+        rank=world.dp_rank,
+        world_size=world.dp_size,
+        state=state,
+        storage_options=storage_options(cfg.data.path, cfg.data.endpoint_url),
+        pin_memory=world.device.type == "cuda",
+        lanes=cfg.data.lanes,
+        retries=cfg.data.retries,
+        retry_wait=cfg.data.retry_wait,
+        ignore_signals=tuple(signal_numbers(cfg.train.stop_signals)),
+        num_classes=cfg.model.num_classes,
+        max_pixels=cfg.data.max_pixels,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        first_step=first_step,
+        text=text_payload(cfg),
+        embeddings=embeddings_location(cfg.text.embeddings, cfg.data.path) if cfg.model.text_dim else "",
+        expand_ratio=cfg.data.expand_ratio,
+        resize_filter=cfg.data.resize_filter,
+        text_dim=cfg.model.text_dim or 0,
+    )
+
+
+def text_payload(cfg: Config) -> str:
+    """What travels with each image: nothing (class models), its caption, or its precomputed embedding."""
+    if not cfg.model.text_dim:
+        return ""
+    return "captions" if cfg.text.mode == "online" else "embeddings"
