@@ -13,6 +13,7 @@ import re
 import signal
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention": ("auto", "sdpa_runs", "sdpa_dense", "varlen", "flex", "flash")
+    }  # allowed values: checked, and named in errors
     depth: int = 28
     num_heads: int = 16
     head_dim: int = 72
@@ -46,6 +50,9 @@ class CascadeConfig:
 
 @dataclass
 class DataConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "resize_filter": ("bicubic", "lanczos")
+    }  # allowed values: checked, and named in errors
     path: str = MISSING  # directory (or s3://bucket/prefix) holding manifest.json and the shards
     resolution: int = 256
     num_workers: int = 2
@@ -64,6 +71,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "lr_schedule": ("constant", "cosine"),
+        "precision": ("auto", "fp32", "bf16"),
+        "device": ("auto", "cpu", "cuda"),
+        "nonfinite": ("stop", "skip_step"),
+    }  # allowed values: checked, and named in errors
     steps: int = MISSING
     global_batch: int = 256
     # token budget of one forward/backward per rank (memory): micro_tokens, else micro_batch full-resolution
@@ -95,6 +108,9 @@ class TrainConfig:
 class TextConfig:
     """Text conditioning (text-to-image models: model.text_dim set)."""
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mode": ("online", "precomputed")
+    }  # allowed values: checked, and named in errors
     encoder: str | None = None  # local directory with a T5 encoder and its tokenizer (never downloaded)
     max_tokens: int = 512  # captions are truncated to this many tokens (the reference's length)
     mode: str = "online"  # online: encode each step's captions | precomputed: read `pixelflow-data encode-text`
@@ -113,8 +129,16 @@ class PlanConfig:
     token_overhead: float = 5000.0
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # CUDA graphs need static shapes; stages vary
+SAMPLING_COMPILE_MODES = (*COMPILE_MODES, "reduce-overhead")  # a sampler's shapes are fixed per stage
+
+
 @dataclass
 class ParallelConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "compile_mode": COMPILE_MODES,
+        "backend": ("auto", "nccl", "gloo"),
+    }  # allowed values: checked, and named in errors
     dp_replicate: int = 1  # replicas of the sharded model (HSDP when > 1)
     dp_shard: int = 0  # ranks each replica's parameters are sharded over; 0 = all the rest
     sp: int = 1  # Ulysses sequence parallel: ranks sharing one packed micro-batch (must divide num_heads)
@@ -137,6 +161,9 @@ class CheckpointConfig:
 
 @dataclass
 class SampleConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "solver": ("euler", "dopri5")
+    }  # allowed values: checked, and named in errors
     steps_per_stage: int = 30
     guidance_scale: float = 2.4  # the final stage's CFG scale (`cfg` before: still read, with a warning)
     cfg_ramp: list[float] | None = None  # per-stage CFG ramp; None = the paper's (0, 1/6, 2/3, 1)
@@ -149,6 +176,9 @@ class SampleConfig:
 
 @dataclass
 class WandbConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mode": ("disabled", "offline", "online")
+    }  # allowed values: checked, and named in errors
     mode: str = "disabled"  # disabled | offline | online
     project: str = "pixelflow"
     name: str | None = None
@@ -178,6 +208,9 @@ class SlurmConfig:
 
 @dataclass
 class Config:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "engine": ("fsdp", "deepspeed")
+    }  # allowed values: checked, and named in errors
     run_dir: str = MISSING
     seed: int = 0
     resume: str = "auto"  # auto (newest committed checkpoint of run_dir) | none | a checkpoint or export path
@@ -290,10 +323,6 @@ def guidance_problem(scale: float) -> str | None:
     return None if math.isfinite(scale) and scale >= 0 else "must be a finite number >= 0"
 
 
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # CUDA graphs need static shapes; stages vary
-SAMPLING_COMPILE_MODES = (*COMPILE_MODES, "reduce-overhead")  # a sampler's shapes are fixed per stage
-
-
 def compile_enabled(cfg: Config, device_type: str) -> bool:
     """parallel.compile, or its default: compiled on CUDA where the path is known to compile (the fsdp
     engine without tensor parallel), eager elsewhere."""
@@ -317,11 +346,34 @@ def micro_tokens(cfg: Config) -> int:
     return cfg.train.micro_batch * (cfg.data.resolution // max(cfg.model.patch_size, 1)) ** 2
 
 
+def spoken(values: tuple[str, ...]) -> str:
+    """("a", "b", "c") -> "a, b or c"."""
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def choice_problem(node, prefix: str = "") -> tuple[str, str] | None:
+    """(key, reason) of the first value outside its section's CHOICES, through every section."""
+    for name, allowed in getattr(type(node), "CHOICES", {}).items():
+        value = getattr(node, name)
+        if value not in allowed:
+            return f"{prefix}{name}", f"= '{value}' must be {spoken(allowed)}"
+    for item in fields(node):
+        value = getattr(node, item.name)
+        if is_dataclass(value):
+            found = choice_problem(value, f"{prefix}{item.name}.")
+            if found:
+                return found
+    return None
+
+
 def first_problem(cfg: Config) -> tuple[str, str] | None:
     """The first impossible value in cfg as (key, reason), or None when the config can run."""
     nonfinite = nonfinite_number(cfg)
     if nonfinite is not None:
         return nonfinite[0], f"= {nonfinite[1]} must be a finite number"
+    choice = choice_problem(cfg)
+    if choice is not None:
+        return choice
     m, c, d, t = cfg.model, cfg.cascade, cfg.data, cfg.train
     granule = m.patch_size * 2 ** (c.stages - 1)
     top_tokens = (d.resolution // max(m.patch_size, 1)) ** 2
@@ -345,11 +397,6 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (0.0 <= m.class_dropout < 1.0, "model.class_dropout", f"= {m.class_dropout} must be in [0, 1)"),
         (m.mlp_ratio > 0, "model.mlp_ratio", f"= {m.mlp_ratio} must be positive"),
         (m.text_dim is None or m.text_dim > 0, "model.text_dim", f"= {m.text_dim} must be positive or null"),
-        (
-            m.attention in ("auto", "sdpa_runs", "sdpa_dense", "varlen", "flex", "flash"),
-            "model.attention",
-            f"= '{m.attention}' must be auto, sdpa_runs, sdpa_dense, varlen, flex or flash",
-        ),
         (c.gamma < 0, "cascade.gamma", f"= {c.gamma} must be negative (block-noise correlation)"),
         (c.num_train_timesteps >= c.stages, "cascade.num_train_timesteps", "must be at least cascade.stages"),
         (d.num_workers >= 0, "data.num_workers", f"= {d.num_workers} must not be negative"),
@@ -360,17 +407,7 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (d.max_pixels >= d.resolution**2, "data.max_pixels", f"= {d.max_pixels} must be at least resolution^2"),
         (0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", f"= {d.max_bad_fraction} must be in [0, 1)"),
         (1.0 <= d.expand_ratio <= 4.0, "data.expand_ratio", f"= {d.expand_ratio} must be in [1, 4]"),
-        (
-            d.resize_filter in ("bicubic", "lanczos"),
-            "data.resize_filter",
-            f"= '{d.resize_filter}' must be bicubic or lanczos",
-        ),
         (cfg.text.max_tokens >= 1, "text.max_tokens", f"= {cfg.text.max_tokens} must be at least 1"),
-        (
-            cfg.text.mode in ("online", "precomputed"),
-            "text.mode",
-            f"= '{cfg.text.mode}' must be online or precomputed",
-        ),
         (0.0 <= cfg.text.dropout < 1.0, "text.dropout", f"= {cfg.text.dropout} must be in [0, 1)"),
         (bool(d.path), "data.path", "must name a dataset directory or s3:// prefix"),
         (t.steps >= 1, "train.steps", f"= {t.steps} must be at least 1"),
@@ -400,19 +437,10 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (t.weight_decay >= 0, "train.weight_decay", f"= {t.weight_decay} must not be negative"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)"),
         (t.warmup_steps >= 0, "train.warmup_steps", f"= {t.warmup_steps} must not be negative"),
-        (
-            t.lr_schedule in ("constant", "cosine"),
-            "train.lr_schedule",
-            f"= {t.lr_schedule!r} must be constant or cosine",
-        ),
         (0 <= t.min_lr <= t.lr, "train.min_lr", f"= {t.min_lr} must be in [0, train.lr]"),
         (t.grad_clip > 0, "train.grad_clip", f"= {t.grad_clip} must be positive"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"= {t.ema_decay} must be in [0, 1)"),
         (t.log_every >= 1, "train.log_every", f"= {t.log_every} must be at least 1"),
-        (t.precision in ("auto", "fp32", "bf16"), "train.precision", f"= '{t.precision}' must be auto, fp32 or bf16"),
-        (t.device in ("auto", "cpu", "cuda"), "train.device", f"= '{t.device}' must be auto, cpu or cuda"),
-        (t.nonfinite in ("stop", "skip_step"), "train.nonfinite", f"= '{t.nonfinite}' must be stop or skip_step"),
-        (cfg.engine in ("fsdp", "deepspeed"), "engine", f"= '{cfg.engine}' must be fsdp or deepspeed"),
         (cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be at least 1"),
         (cfg.parallel.dp_shard >= 0, "parallel.dp_shard", "must be 0 (all remaining ranks) or more"),
         (cfg.parallel.sp >= 1, "parallel.sp", "must be at least 1"),
@@ -432,16 +460,6 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
             cfg.engine != "deepspeed" or (cfg.parallel.sp == cfg.parallel.tp == cfg.parallel.dp_replicate == 1),
             "engine",
             "= deepspeed runs ZeRO-3 data parallel only (parallel.sp, tp and dp_replicate must be 1)",
-        ),
-        (
-            cfg.parallel.compile_mode in COMPILE_MODES,
-            "parallel.compile_mode",
-            f"= '{cfg.parallel.compile_mode}' must be one of {', '.join(COMPILE_MODES)}",
-        ),
-        (
-            cfg.parallel.backend in ("auto", "nccl", "gloo"),
-            "parallel.backend",
-            f"= '{cfg.parallel.backend}' must be auto, nccl or gloo",
         ),
         (
             cfg.engine != "deepspeed" or (not cfg.parallel.compile and cfg.parallel.activation_checkpointing == "none"),
@@ -488,12 +506,6 @@ def first_problem(cfg: Config) -> tuple[str, str] | None:
         (cfg.sample.every >= 0, "sample.every", f"= {cfg.sample.every} must not be negative"),
         (cfg.sample.count >= 1, "sample.count", f"= {cfg.sample.count} must be at least 1"),
         (not m.text_dim or len(cfg.sample.prompts) > 0, "sample.prompts", "must name at least one prompt"),
-        (cfg.sample.solver in ("euler", "dopri5"), "sample.solver", f"= '{cfg.sample.solver}' must be euler or dopri5"),
-        (
-            cfg.wandb.mode in ("disabled", "offline", "online"),
-            "wandb.mode",
-            f"= '{cfg.wandb.mode}' must be disabled, offline or online",
-        ),
         (bool(cfg.run_dir), "run_dir", "must name a directory"),
         (cfg.slurm.nodes >= 1, "slurm.nodes", f"= {cfg.slurm.nodes} must be at least 1"),
         (cfg.slurm.tasks_per_node >= 1, "slurm.tasks_per_node", f"= {cfg.slurm.tasks_per_node} must be at least 1"),
