@@ -94,19 +94,20 @@ def checks(sizes: Sizes, work: Path) -> list[Check]:
         return {"metrics": last_metrics(run_dir), "grids": grids, "checkpoints": committed}
 
     bench = ["--config", s.config, "--device", s.device]
-    overrides = [*s.model, f"data.resolution={s.resolution}"]  # positional: one run of them, last
+    # positional: one run of them, before the options (--batches and --steps take several values)
+    overrides = [*s.model, f"data.resolution={s.resolution}"]
     timing = ["--steps", "2" if s.dry else "5", "--warmup", "2"] + (
         [] if s.dry else ["--compile", "--peak-tflops", "790"]
     )
 
     def step_bench(*options: str, extra: tuple[str, ...] = ()) -> list[str]:
-        return [PY, "benchmarks/train_step.py", *timing, *bench, *options, *overrides, *extra]
+        return [PY, "benchmarks/train_step.py", *timing, *bench, *overrides, *extra, *options]
 
     big = 16 if s.dry else 64
 
     def sample_bench(*options: str) -> list[str]:
         repeats = "1" if s.dry else "3"
-        return [PY, "benchmarks/sample.py", "--cfg", "2.4", "--repeats", repeats, *bench, *options, *overrides]
+        return [PY, "benchmarks/sample.py", "--cfg", "2.4", "--repeats", repeats, *bench, *overrides, *options]
 
     def projected(lines: list[dict]) -> dict:
         """Sampling time is linear in Euler steps: the batch's seconds at 1 step/stage, times 30."""
