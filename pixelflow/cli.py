@@ -72,6 +72,11 @@ def check_sample_arguments(args: argparse.Namespace) -> None:
         (Path(args.out).is_dir(), f"--out {args.out}: is a directory"),
         (not writable(Path(args.out)), f"--out {args.out}: cannot be written there"),
     ]
+    refuse_first(problems)
+
+
+def refuse_first(problems: list[tuple[bool, str]]) -> None:
+    """One line for the first (bad, message) that is bad."""
     for bad, message in problems:
         if bad:
             raise ConfigError(message)
@@ -92,9 +97,7 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
         (out.exists() and not out.is_dir(), f"--out {out}: a file, not a folder"),
         (not writable(out), f"--out {out}: cannot be written there"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise ConfigError(message)
+    refuse_first(problems)
 
 
 def _sample(args: argparse.Namespace) -> None:
