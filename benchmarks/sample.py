@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import device_name, emit, peak_memory_gib, reset_peak_memory, timed  # noqa: E402
 from pixelflow.config import load_config  # noqa: E402
-from pixelflow.generate import generate, load_for_sampling  # noqa: E402
+from pixelflow.generate import generate, load_for_sampling, sampling_dtype  # noqa: E402
 from pixelflow.model import PixelFlowTransformer  # noqa: E402
 from pixelflow.model.attention import set_attention_backend  # noqa: E402
 from pixelflow.parallel.parallelize import apply_compile  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = sampling_dtype(device)
     if args.checkpoint:
         model, cfg = load_for_sampling(args.checkpoint, "ema", device, dtype)
     else:

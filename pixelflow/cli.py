@@ -103,14 +103,13 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from pixelflow.generate import generate, load_for_sampling, save_grid
+    from pixelflow.generate import generate, load_for_sampling, sampling_dtype, save_grid
     from pixelflow.parallel.world import resolve_device
     from pixelflow.progress import Progress
 
     check_sample_arguments(args)
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, cfg = load_for_sampling(args.checkpoint, args.weights, device, dtype)
+    model, cfg = load_for_sampling(args.checkpoint, args.weights, device, sampling_dtype(device))
     if args.compile != "none":
         from pixelflow.parallel.parallelize import apply_compile
 
@@ -193,11 +192,10 @@ def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None) -> E
     """`pixelflow eval` as parsed: with part (i, n), draw only that part (one task of a SLURM array); otherwise
     every rank draws its part, then rank 0 writes the npz and the scores. Everything that can refuse the eval
     is checked before the first image is drawn."""
-    import torch
     import torch.distributed as dist
 
     from pixelflow.evaluate import EvalSpec, Scoring, claim_folder, draw_images, provenance, write_npz
-    from pixelflow.generate import load_for_sampling
+    from pixelflow.generate import load_for_sampling, sampling_dtype
     from pixelflow.parallel.world import resolve_device
     from pixelflow.weights import resolve_source, source_identity
 
@@ -207,8 +205,7 @@ def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None) -> E
     if part is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model, cfg = load_for_sampling(args.checkpoint, "ema", device, dtype)
+        model, cfg = load_for_sampling(args.checkpoint, "ema", device, sampling_dtype(device))
         spec = EvalSpec(args.images, batch=args.batch, seed=args.seed, steps=args.steps, cfg_scale=args.cfg)
         encoder = None
         if cfg.model.text_dim:

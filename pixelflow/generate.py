@@ -33,6 +33,11 @@ def load_for_sampling(
     return model, cfg
 
 
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """The weights' dtype every sampler uses: bf16 on CUDA, float32 on the CPU (no fast bf16 there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def sampling_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> PixelFlowTransformer:
     """An eval-mode model of cfg on `device` in `dtype` with the config's attention kernel (weights random
     until loaded): what every sampler runs, from a checkpoint or from the trainer's EMA."""

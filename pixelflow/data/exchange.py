@@ -27,12 +27,12 @@ def exchange(
     unit: int,
     group: dist.ProcessGroup | None,
     device: torch.device,
-    with_payloads: bool = False,
-    host_group: dist.ProcessGroup | None = None,
+    with_payloads: bool,
+    host_group: dist.ProcessGroup | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[bytes]]:
     """(images (n, 3, R, R) uint8, labels (n,), payloads) on `device` of the unit's samples,
-        `plan.samples_of(unit)` in that order. `readers[j]` is the data rank that read slot j; `share` is what
-        this rank read. Payloads (captions or embeddings) travel when asked, padded to the longest of
+    `plan.samples_of(unit)` in that order. `readers[j]` is the data rank that read slot j; `share` is what
+    this rank read. Payloads (captions or embeddings) travel when asked, padded to the longest over
     `host_group` (a gloo group holding the exchange group's ranks: agreeing on the width waits on no device)."""
     if group is None:  # one data rank read every slot and trains them all
         images, labels = share.images.to(device, non_blocking=True), share.labels.to(device, non_blocking=True)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pixelflow.config import Config
-from pixelflow.generate import Prompts, generate, sampling_model, save_grid
+from pixelflow.generate import Prompts, generate, sampling_dtype, sampling_model, save_grid
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.parallel.world import World
 
@@ -37,8 +37,7 @@ class PeriodicSamples:
         device = self.world.device
         full = {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in ema_state.items()}
         if self.model is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            self.model = sampling_model(self.cfg, device, dtype)
+            self.model = sampling_model(self.cfg, device, sampling_dtype(device))
         self.model.load_state_dict({name: t.to(device) for name, t in full.items()})
         mine = list(range(self.world.rank, self.cfg.sample.count, self.world.size))
         size = self.cfg.data.resolution

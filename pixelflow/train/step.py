@@ -113,7 +113,8 @@ class StepRunner:
         images, labels, text = batch.images, batch.labels, batch.text
         if images.device != device or labels.device != device:
             raise ValueError(
-                f"train_step: images on {images.device} and labels on {labels.device}, but the step runs on {device}"
+                f"StepRunner.run: images on {images.device} and labels on {labels.device}, "
+                f"but the step runs on {device}"
             )
         row_of = {int(sample): row for row, sample in enumerate(plan.samples_of(unit))}
         labels = torch.where(labels < 0, torch.full_like(labels, self.null_class), labels)
