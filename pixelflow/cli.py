@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 from pixelflow.config import SAMPLING_COMPILE_MODES, guidance_problem, load_config, redact, steps_problem
@@ -103,7 +101,7 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from pixelflow.generate import generate, load_for_sampling, sampling_dtype, save_grid
+    from pixelflow.generate import checked_classes, generate, load_for_sampling, sampling_dtype, save_grid
     from pixelflow.parallel.world import resolve_device
     from pixelflow.progress import Progress
 
@@ -135,17 +133,8 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {save_grid(images, args.out, columns)}")
 
 
-def checked_classes(classes: list[int] | None, cfg, default: int) -> list[int]:
-    """--classes (or the first `default` classes), each checked against the model."""
-    classes = classes if classes is not None else list(range(default))
-    bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
-    if bad:
-        raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
-    return classes
-
-
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """--prompt values, then --prompt-file's non-empty lines."""
+    """--prompt values, then --prompt-file's non-empty lines (none given: an empty list)."""
     texts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -154,91 +143,35 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not path.is_file():
             raise ConfigError(f"--prompt-file {path}: not a regular file (a file of prompts, one per line)")
         texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not texts:
-        raise ConfigError("--prompt: a text-to-image model needs --prompt TEXT (or --prompt-file FILE)")
     return texts
-
-
-def prompt_encoder(args: argparse.Namespace, cfg, device):
-    """The text encoder (--text-encoder, else the config's), checked against the model's text width."""
-    from pixelflow.model.text_encoder import TextEncoder
-
-    encoder = TextEncoder(args.text_encoder or cfg.text.encoder, cfg.text.max_tokens, device)
-    if encoder.dim != cfg.model.text_dim:
-        raise ConfigError(
-            f"--text-encoder: {encoder.dim}-wide tokens, the model takes model.text_dim = {cfg.model.text_dim}"
-        )
-    return encoder
 
 
 def sample_prompts(args: argparse.Namespace, cfg, device):
     """(the prompts' embeddings, one column per prompt) for a text-to-image model."""
-    from pixelflow.generate import Prompts
+    from pixelflow.generate import Prompts, checked_prompts, checked_text_encoder
 
-    texts = read_prompts(args)
-    encoder = prompt_encoder(args, cfg, device)
+    texts = checked_prompts(read_prompts(args))
+    encoder = checked_text_encoder(args.text_encoder, cfg, device)
     per_image = [text for _ in range(args.per_class) for text in texts]  # one column per prompt
     return Prompts.encode(encoder, per_image, args.negative_prompt), len(texts) if args.per_class > 1 else None
 
 
-@dataclass
-class EvalReport:
-    drawn: int  # images this process drew (the rest already existed or belong to other parts)
-    npz: str | None  # samples_N.npz, from the process that wrote it
-    scores: dict
-
-
-def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None) -> EvalReport:
-    """`pixelflow eval` as parsed: with part (i, n), draw only that part (one task of a SLURM array); otherwise
-    every rank draws its part, then rank 0 writes the npz and the scores. Everything that can refuse the eval
-    is checked before the first image is drawn."""
-    import torch.distributed as dist
-
-    from pixelflow.evaluate import EvalSpec, Scoring, claim_folder, draw_images, provenance, write_npz
-    from pixelflow.generate import load_for_sampling, sampling_dtype
-    from pixelflow.parallel.world import resolve_device
-    from pixelflow.weights import resolve_source, source_identity
+def eval_request(args: argparse.Namespace):
+    """`pixelflow eval`'s options as evaluate.py's request, every one checked first."""
+    from pixelflow.evaluate import EvalRequest, EvalSpec
 
     check_eval_arguments(args)
-    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    scoring = Scoring.prepare(args.classifier, args.reference, args.inception_weights, device) if part is None else None
-    if part is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        model, cfg = load_for_sampling(args.checkpoint, "ema", device, sampling_dtype(device))
-        spec = EvalSpec(args.images, batch=args.batch, seed=args.seed, steps=args.steps, cfg_scale=args.cfg)
-        encoder = None
-        if cfg.model.text_dim:
-            spec.prompts, encoder = read_prompts(args), prompt_encoder(args, cfg, device)
-        elif cfg.model.num_classes:
-            spec.classes = checked_classes(args.classes, cfg, cfg.model.num_classes)
-        out = Path(args.out)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        identity = source_identity(resolve_source(Path(args.checkpoint)))
-        record = provenance(spec, cfg, identity, encoder.identity() if encoder is not None else None)
-        if rank == 0:
-            claim_folder(out, record, args.redraw and part is None)
-        if dist.is_initialized():
-            dist.barrier()
-        if rank != 0:
-            claim_folder(out, record)
-        drawn = draw_images(model, cfg, spec, out, part or (rank, world), device, encoder)
-        if part is not None:
-            return EvalReport(drawn, None, {})
-        if dist.is_initialized():
-            dist.barrier()
-        if rank != 0:
-            return EvalReport(drawn, None, {})
-        path = write_npz(out, spec)
-        print(f"wrote {path}")
-        scores = scoring.score(path)
-        if scores:
-            (out / "scores.json").write_text(json.dumps(scores, indent=1, allow_nan=False) + "\n")
-            print(json.dumps(scores))
-        return EvalReport(drawn, str(path), scores)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    spec = EvalSpec(args.images, args.classes, read_prompts(args), args.batch, args.seed, args.steps, args.cfg)
+    scoring = (args.classifier, args.reference, args.inception_weights)
+    out, checkpoint = Path(args.out), Path(args.checkpoint)
+    return EvalRequest(checkpoint, out, spec, args.text_encoder, scoring, args.device, args.redraw)
+
+
+def run_eval(args: argparse.Namespace, part: tuple[int, int] | None = None):
+    """`pixelflow eval` as parsed (with part (i, n): one task of a SLURM array); see evaluate.run_eval."""
+    from pixelflow.evaluate import run_eval as evaluate
+
+    return evaluate(eval_request(args), part)
 
 
 def _eval(args: argparse.Namespace) -> None:

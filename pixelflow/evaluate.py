@@ -27,11 +27,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixelflow.config import Config
+from pixelflow.config import Config, ParallelConfig
 from pixelflow.errors import ConfigError
-from pixelflow.generate import Prompts, generate
+from pixelflow.generate import (
+    Prompts,
+    checked_classes,
+    checked_prompts,
+    checked_text_encoder,
+    generate,
+    load_for_sampling,
+    sampling_dtype,
+)
 from pixelflow.model import PixelFlowTransformer
+from pixelflow.parallel.world import World, join_world, resolve_device, shutdown
 from pixelflow.progress import Progress
+from pixelflow.weights import resolve_source, source_identity
 
 
 @dataclass
@@ -225,3 +235,71 @@ def write_npz(out: Path, spec: EvalSpec) -> Path:
     path = out / f"samples_{spec.count}.npz"
     np.savez(path, arr_0=arrays, **({"labels": np.asarray(labels, dtype=np.int64)} if labels else {}))
     return path
+
+
+@dataclass
+class EvalRequest:
+    """One eval: the checkpoint, the folder, what to draw, and what to score it with."""
+
+    checkpoint: Path
+    out: Path
+    spec: EvalSpec  # classes None = every class of the model; prompts for text models
+    text_encoder: str | None = None  # None = the config's text.encoder
+    scoring: tuple[str | None, str | None, str | None] = (None, None, None)  # classifier, reference, Inception
+    device: str = "auto"
+    redraw: bool = False
+
+
+@dataclass
+class EvalReport:
+    drawn: int  # images this process drew (the rest already existed or belong to other parts)
+    npz: str | None  # samples_N.npz, from the process that wrote it
+    scores: dict
+
+
+def run_eval(request: EvalRequest, part: tuple[int, int] | None = None) -> EvalReport:
+    """With part (i, n), draw only that part (one task of a SLURM array); otherwise every rank of the
+    process world draws its part, then rank 0 writes the npz and the scores. Everything that can refuse the
+    eval is checked before the first image is drawn."""
+    world = join_world(ParallelConfig(), device_name=request.device) if part is None else single(request.device)
+    try:
+        scoring = Scoring.prepare(*request.scoring, world.device) if part is None else None
+        return _evaluate(request, part, world, scoring)
+    finally:
+        shutdown(world, together=False)  # rank 0 alone scores after the last barrier
+
+
+def single(device_name: str) -> World:
+    return World(0, 1, resolve_device(device_name))
+
+
+def _evaluate(request: EvalRequest, part: tuple[int, int] | None, world: World, scoring: Scoring | None) -> EvalReport:
+    device, out = world.device, request.out
+    model, cfg = load_for_sampling(request.checkpoint, "ema", device, sampling_dtype(device))
+    spec, encoder = request.spec, None
+    if cfg.model.text_dim:
+        checked_prompts(spec.prompts or [])
+        encoder = checked_text_encoder(request.text_encoder, cfg, device)
+    else:
+        spec.prompts = None
+        spec.classes = checked_classes(spec.classes, cfg, cfg.model.num_classes) if cfg.model.num_classes else None
+    identity = source_identity(resolve_source(request.checkpoint))
+    record = provenance(spec, cfg, identity, encoder.identity() if encoder is not None else None)
+    if world.is_main:
+        claim_folder(out, record, request.redraw and part is None)
+    world.barrier()
+    if not world.is_main:
+        claim_folder(out, record)
+    drawn = draw_images(model, cfg, spec, out, part or (world.rank, world.size), device, encoder)
+    if part is not None:
+        return EvalReport(drawn, None, {})
+    world.barrier()
+    if not world.is_main or scoring is None:
+        return EvalReport(drawn, None, {})
+    path = write_npz(out, spec)
+    print(f"wrote {path}")
+    scores = scoring.score(path)
+    if scores:
+        (out / "scores.json").write_text(json.dumps(scores, indent=1, allow_nan=False) + "\n")
+        print(json.dumps(scores))
+    return EvalReport(drawn, str(path), scores)

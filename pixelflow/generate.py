@@ -15,9 +15,10 @@ from PIL import Image
 from pixelflow.cascade import CascadeSchedule, cfg_scales, default_cfg_ramp, sample, to_uint8
 from pixelflow.config import Config
 from pixelflow.devices import flush_denormals
+from pixelflow.errors import ConfigError
 from pixelflow.model import PixelFlowTransformer
-from pixelflow.model.attention import set_attention_backend
 from pixelflow.model.text_encoder import pad_tokens
+from pixelflow.parallel.parallelize import apply_attention_kernel
 from pixelflow.weights import read_weights
 
 
@@ -42,8 +43,36 @@ def sampling_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> Pix
     """An eval-mode model of cfg on `device` in `dtype` with the config's attention kernel (weights random
     until loaded): what every sampler runs, from a checkpoint or from the trainer's EMA."""
     model = PixelFlowTransformer(cfg.model).to(device=device, dtype=dtype).eval()
-    set_attention_backend(model, cfg.model.attention, device.type)
+    apply_attention_kernel(model, cfg.model.attention, device.type)
     return model
+
+
+def checked_classes(classes: list[int] | None, cfg: Config, default: int) -> list[int]:
+    """--classes (or the first `default` classes), each checked against the model."""
+    classes = classes if classes is not None else list(range(default))
+    bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
+    if bad:
+        raise ConfigError(f"--classes: {bad} outside 0..{cfg.model.num_classes - 1} for this checkpoint")
+    return classes
+
+
+def checked_prompts(texts: list[str]) -> list[str]:
+    """The prompts a text-to-image model samples from: at least one."""
+    if not texts:
+        raise ConfigError("--prompt: a text-to-image model needs --prompt TEXT (or --prompt-file FILE)")
+    return texts
+
+
+def checked_text_encoder(path: str | None, cfg: Config, device: torch.device):
+    """The text encoder at `path` (--text-encoder, else the config's), checked against the model's width."""
+    from pixelflow.model.text_encoder import TextEncoder
+
+    encoder = TextEncoder(path or cfg.text.encoder, cfg.text.max_tokens, device)
+    if encoder.dim != cfg.model.text_dim:
+        raise ConfigError(
+            f"--text-encoder: {encoder.dim}-wide tokens, the model takes model.text_dim = {cfg.model.text_dim}"
+        )
+    return encoder
 
 
 @dataclass

@@ -105,14 +105,14 @@ def test_bad_parallel_settings_fail_clearly(tmp_path, overrides, expected):
 
 def test_process_count_must_match_the_mesh(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["parallel.dp_shard=2", "parallel.sp=2", "train.global_batch=8"])
-    assert layout_for(cfg, 4) == (1, 2, 2, 1)
+    assert layout_for(cfg.parallel, 4) == (1, 2, 2, 1)
     with pytest.raises(ConfigError, match=re.escape("dp_shard x sp x tp = 1 x 2 x 2 x 1 does not match the 2")):
-        layout_for(cfg, 2)
+        layout_for(cfg.parallel, 2)
     automatic = load_config(write(tmp_path, BASE), ["parallel.sp=2", "train.global_batch=6"])
-    assert layout_for(automatic, 6) == (1, 3, 2, 1)
-    assert layout_for(automatic, 8) == (1, 4, 2, 1)  # the planner deals 6 samples over 4 data ranks by cost
+    assert layout_for(automatic.parallel, 6) == (1, 3, 2, 1)
+    assert layout_for(automatic.parallel, 8) == (1, 4, 2, 1)  # the planner deals 6 samples over 4 data ranks by cost
     with_tp = load_config(write(tmp_path, BASE), ["parallel.tp=2", "parallel.sp=2"])
-    assert layout_for(with_tp, 8) == (1, 2, 2, 2)
+    assert layout_for(with_tp.parallel, 8) == (1, 2, 2, 2)
 
 
 def test_the_old_name_sample_cfg_still_loads_as_guidance_scale_with_a_warning(tmp_path, caplog):

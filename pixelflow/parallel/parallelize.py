@@ -48,6 +48,7 @@ def parallelize(
 
 
 def apply_attention_kernel(model: nn.Module, name: str, device_type: str) -> None:
+    """The one place a kernel is chosen: training (either engine) and every sampler come through here."""
     set_attention_backend(model, name, device_type)
 
 

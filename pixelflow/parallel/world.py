@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from pixelflow.config import Config
+from pixelflow.config import Config, ParallelConfig, TrainConfig
 from pixelflow.devices import flush_denormals
 from pixelflow.errors import ConfigError
 
@@ -52,6 +52,11 @@ class World:
         """A new gloo group of every rank (for a thread of its own, e.g. background saves) with the world's
         timeout (collective: every rank makes the same groups in the same order)."""
         return dist.new_group(backend="gloo", timeout=self.timeout)
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in a world of one)."""
+        if self.distributed:
+            dist.barrier()
 
     @property
     def distributed(self) -> bool:
@@ -123,9 +128,8 @@ def _environment() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def layout_for(cfg: Config, size: int) -> tuple[int, int, int, int]:
+def layout_for(p: ParallelConfig, size: int) -> tuple[int, int, int, int]:
     """(dp_replicate, dp_shard, sp, tp) for a world size; dp_shard 0 takes all the remaining ranks."""
-    p = cfg.parallel
     replicate, shard, sp, tp = p.dp_replicate, p.dp_shard, p.sp, p.tp
     if shard == 0:
         shard = size // (replicate * sp * tp)
@@ -147,17 +151,25 @@ def resolve_device(name: str, index: int = 0) -> torch.device:
 
 
 def init_world(cfg: Config, device_name: str = "auto") -> World:
-    """Join the process group (when launched as several processes) and build the device mesh."""
+    """The training world: cfg's layout, device and collective timeout."""
+    return join_world(cfg.parallel, device_name=device_name, timeout_s=cfg.train.collective_timeout_s)
+
+
+def join_world(
+    parallel: ParallelConfig, *, device_name: str = "auto", timeout_s: float = TrainConfig.collective_timeout_s
+) -> World:
+    """Join the process group (when launched as several processes) and build the device mesh: training's,
+    and the samplers' (a ParallelConfig() of data ranks only)."""
     rank, size, local_rank = _environment()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 1
     device = resolve_device(device_name, local_rank % max(gpus, 1))  # more ranks than GPUs share them (gloo)
     use_cuda = device.type == "cuda"
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
     flush_denormals()
     if use_cuda:
         torch.cuda.set_device(device)
-    layout = layout_for(cfg, size)
-    timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
+    layout = layout_for(parallel, size)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if size == 1 and "RANK" not in os.environ:
         return World(0, 1, device, None, timeout=timeout)
     if not dist.is_initialized():
