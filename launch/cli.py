@@ -11,14 +11,16 @@ from data_tools.cli import add_encode_text_arguments, add_ingest_arguments
 from data_tools.ingest import IngestError
 from launch.slurm import LaunchError
 from pixelflow.cli import add_eval_arguments, run_command
-from pixelflow.config import SlurmConfig, load_config
+from pixelflow.config import SlurmConfig, load_config, redacting
 from pixelflow.errors import USER_ERRORS
 
 
 def _submit(args: argparse.Namespace) -> None:
     from launch.slurm import submit
 
-    job_id, run_dir = submit(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    with redacting(cfg):
+        job_id, run_dir = submit(cfg)
     print(f"submitted job {job_id}")
     print(f"run directory: {run_dir}")
 
@@ -46,7 +48,9 @@ def _local(args: argparse.Namespace) -> int:
     from launch.local import run_local
     from launch.run_dir import prepare
 
-    run_dir = prepare(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    with redacting(cfg):
+        run_dir = prepare(cfg)
     print(f"run directory: {run_dir}", flush=True)
     return run_local(run_dir / "config.yaml", args.nproc)
 

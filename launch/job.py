@@ -24,7 +24,7 @@ from pathlib import Path
 
 import submitit
 
-from pixelflow.config import from_yaml
+from pixelflow.config import from_yaml, redacting
 from pixelflow.records import read_records
 from pixelflow.train.signals import signal_numbers
 
@@ -63,7 +63,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         os.environ["MASTER_PORT"] = str(master_port(environment.job_id))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfg = from_yaml(self.config_yaml)
-        result = train(cfg)
+        with redacting(cfg):
+            result = train(cfg)
         for number in signal_numbers(cfg.train.stop_signals):  # a late signal must not kill a task that is done
             signal.signal(number, signal.SIG_IGN)
         if result.stop_signal is not None and environment.global_rank == 0:

@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from pixelflow.config import SAMPLING_COMPILE_MODES, guidance_problem, load_config, redact, steps_problem
+from pixelflow.config import SAMPLING_COMPILE_MODES, guidance_problem, load_config, redact, redacting, steps_problem
 from pixelflow.errors import (
     EXIT_FAILED,
     EXIT_SIGNAL_BASE,
@@ -29,7 +29,8 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"data.endpoint_url={args.endpoint_url}"] if args.endpoint_url else [])
     cfg = load_config(args.config, overrides)
-    result = train(cfg)
+    with redacting(cfg):
+        result = train(cfg)
     state = f"stopped by {result.stop_signal} (exit 75: resume with the same command)" if result.stopped else "finished"
     print(f"run directory: {result.run_dir} ({state} at step {result.step})")
     return result.exit_status

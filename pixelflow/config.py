@@ -11,6 +11,8 @@ import math
 import os
 import re
 import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +23,24 @@ from omegaconf.errors import OmegaConfBaseException
 from pixelflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
+Problem = tuple[str, str]  # (dotted key, reason): the first impossible value a check found
+
+
+def failed(checks: list[tuple[bool, str, str]]) -> Problem | None:
+    """(key, reason) of the first (ok, key, reason) that is not ok."""
+    for ok, key, reason in checks:
+        if not ok:
+            return key, reason
+    return None
+
+
+# One set of sampling-option checks for the config (sample.*), `pixelflow sample` and `pixelflow eval`.
+def steps_problem(steps: int) -> str | None:
+    return None if steps >= 1 else "must be at least 1"
+
+
+def guidance_problem(scale: float) -> str | None:
+    return None if math.isfinite(scale) and scale >= 0 else "must be a finite number >= 0"
 
 
 @dataclass
@@ -40,12 +60,41 @@ class ModelConfig:
     text_dim: int | None = None  # width of text-encoder tokens for cross-attention (text-to-image); None = off
     attention: str = "auto"  # auto | sdpa_runs | sdpa_dense | varlen | flex | flash (see model/attention.py)
 
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        return failed(
+            [
+                (self.patch_size >= 1, "patch_size", f"= {self.patch_size} must be at least 1"),
+                (self.depth >= 1, "depth", f"= {self.depth} must be at least 1"),
+                (self.num_heads >= 1, "num_heads", f"= {self.num_heads} must be at least 1"),
+                (
+                    self.head_dim % 4 == 0 and self.head_dim > 0,
+                    "head_dim",
+                    f"= {self.head_dim} must be a positive multiple of 4 (2D RoPE)",
+                ),
+                (self.num_classes >= 0, "num_classes", f"= {self.num_classes} must not be negative"),
+                (0.0 <= self.class_dropout < 1.0, "class_dropout", f"= {self.class_dropout} must be in [0, 1)"),
+                (self.mlp_ratio > 0, "mlp_ratio", f"= {self.mlp_ratio} must be positive"),
+                (self.text_dim is None or self.text_dim > 0, "text_dim", f"= {self.text_dim} must be positive or null"),
+            ]
+        )
+
 
 @dataclass
 class CascadeConfig:
     stages: int = 4
     gamma: float = -1.0 / 3.0  # correlation of the 2x2 block noise used when moving up a stage
     num_train_timesteps: int = 1000
+
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        return failed(
+            [
+                (self.stages >= 1, "stages", f"= {self.stages} must be at least 1"),
+                (self.gamma < 0, "gamma", f"= {self.gamma} must be negative (block-noise correlation)"),
+                (self.num_train_timesteps >= self.stages, "num_train_timesteps", "must be at least cascade.stages"),
+            ]
+        )
 
 
 @dataclass
@@ -67,6 +116,26 @@ class DataConfig:
     # 1.125, i.e. 288 for 256: zoom and position jitter); 1.0 = resize to the crop size
     expand_ratio: float = 1.125
     resize_filter: str = "bicubic"  # bicubic (antialiased, fast) | lanczos (Pillow's, as the reference)
+
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        return failed(
+            [
+                (self.num_workers >= 0, "num_workers", f"= {self.num_workers} must not be negative"),
+                (self.shuffle_block >= 1, "shuffle_block", f"= {self.shuffle_block} must be at least 1"),
+                (self.lanes >= 0, "lanes", f"= {self.lanes} must not be negative"),
+                (self.retries >= 1, "retries", f"= {self.retries} must be at least 1"),
+                (self.retry_wait >= 0, "retry_wait", f"= {self.retry_wait} must not be negative"),
+                (
+                    self.max_pixels >= self.resolution**2,
+                    "max_pixels",
+                    f"= {self.max_pixels} must be at least resolution^2",
+                ),
+                (0 <= self.max_bad_fraction < 1, "max_bad_fraction", f"= {self.max_bad_fraction} must be in [0, 1)"),
+                (1.0 <= self.expand_ratio <= 4.0, "expand_ratio", f"= {self.expand_ratio} must be in [1, 4]"),
+                (bool(self.path), "path", "must name a dataset directory or s3:// prefix"),
+            ]
+        )
 
 
 @dataclass
@@ -103,6 +172,45 @@ class TrainConfig:
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (one line, nothing saved) | skip_step
     peak_tflops: float = 0.0  # per device, for the logged MFU (e.g. 790 on an H200 in bf16); 0 = no MFU
 
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        return failed(
+            [
+                (self.steps >= 1, "steps", f"= {self.steps} must be at least 1"),
+                (self.global_batch >= 1, "global_batch", f"= {self.global_batch} must be at least 1"),
+                (self.micro_batch >= 0, "micro_batch", f"= {self.micro_batch} must not be negative"),
+                (self.peak_tflops >= 0, "peak_tflops", f"= {self.peak_tflops} must not be negative"),
+                (
+                    self.collective_timeout_s > 0,
+                    "collective_timeout_s",
+                    f"= {self.collective_timeout_s} must be positive",
+                ),
+                (self.micro_tokens >= 0, "micro_tokens", f"= {self.micro_tokens} must not be negative"),
+                (self.lr > 0, "lr", f"= {self.lr} must be positive"),
+                (self.weight_decay >= 0, "weight_decay", f"= {self.weight_decay} must not be negative"),
+                (
+                    len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                    "betas",
+                    "must be two numbers in [0, 1)",
+                ),
+                (self.warmup_steps >= 0, "warmup_steps", f"= {self.warmup_steps} must not be negative"),
+                (0 <= self.min_lr <= self.lr, "min_lr", f"= {self.min_lr} must be in [0, train.lr]"),
+                (self.grad_clip > 0, "grad_clip", f"= {self.grad_clip} must be positive"),
+                (0.0 <= self.ema_decay < 1.0, "ema_decay", f"= {self.ema_decay} must be in [0, 1)"),
+                (self.log_every >= 1, "log_every", f"= {self.log_every} must be at least 1"),
+                (
+                    all(
+                        name.startswith("SIG")
+                        and isinstance(getattr(signal, name, None), signal.Signals)
+                        and name not in ("SIGKILL", "SIGSTOP")
+                        for name in self.stop_signals
+                    ),
+                    "stop_signals",
+                    f"= {list(self.stop_signals)} must name catchable signals, e.g. [SIGTERM, SIGUSR2]",
+                ),
+            ]
+        )
+
 
 @dataclass
 class TextConfig:
@@ -118,6 +226,15 @@ class TextConfig:
     dropout: float = 0.1  # share of samples trained with the empty caption (classifier-free guidance)
     shard_encoder: bool = False  # FSDP-shard the frozen encoder over the data ranks instead of replicating it
 
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        return failed(
+            [
+                (self.max_tokens >= 1, "max_tokens", f"= {self.max_tokens} must be at least 1"),
+                (0.0 <= self.dropout < 1.0, "dropout", f"= {self.dropout} must be in [0, 1)"),
+            ]
+        )
+
 
 @dataclass
 class PlanConfig:
@@ -127,6 +244,20 @@ class PlanConfig:
     # per-token cost that does not scale with d^2 or L^2 (norms, modulation, elementwise), in FLOP-equivalents
     # per token, channel and block; benchmarks/planner.py --calibrate measures it (this: a 2-core CPU)
     token_overhead: float = 5000.0
+
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        weights = self.stage_weights
+        return failed(
+            [
+                (
+                    weights is None or (min(weights, default=0) >= 0 and sum(weights) > 0),
+                    "stage_weights",
+                    f"= {weights} must be non-negative numbers (one per stage), not all 0",
+                ),
+                (self.token_overhead >= 0, "token_overhead", f"= {self.token_overhead} must not be negative"),
+            ]
+        )
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # CUDA graphs need static shapes; stages vary
@@ -150,6 +281,22 @@ class ParallelConfig:
     backend: str = "auto"  # collectives: auto (nccl on CUDA, gloo on CPU) | gloo (e.g. ranks sharing one GPU)
     activation_checkpointing: str = "none"  # none | full | every_<k> (every k-th block)
 
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        return failed(
+            [
+                (self.dp_replicate >= 1, "dp_replicate", "must be at least 1"),
+                (self.dp_shard >= 0, "dp_shard", "must be 0 (all remaining ranks) or more"),
+                (self.sp >= 1, "sp", "must be at least 1"),
+                (self.tp >= 1, "tp", "must be at least 1"),
+                (
+                    re.fullmatch(r"none|full|every_[1-9]\d*", self.activation_checkpointing) is not None,
+                    "activation_checkpointing",
+                    f"= '{self.activation_checkpointing}' must be none, full or every_<k>",
+                ),
+            ]
+        )
+
 
 @dataclass
 class CheckpointConfig:
@@ -157,6 +304,16 @@ class CheckpointConfig:
     keep: int = 3  # newest committed checkpoints kept
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good; 0 = none
     async_save: bool | None = None  # write in the background after staging to host memory; None = on CUDA
+
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        return failed(
+            [
+                (self.every >= 1, "every", f"= {self.every} must be at least 1"),
+                (self.keep >= 1, "keep", f"= {self.keep} must be at least 1"),
+                (self.keep_every >= 0, "keep_every", f"= {self.keep_every} must not be negative"),
+            ]
+        )
 
 
 @dataclass
@@ -172,6 +329,19 @@ class SampleConfig:
     every: int = 0  # during training: a grid from the EMA weights every this many steps (samples/); 0 = never
     count: int = 8  # images in that grid: the first classes in turn, or `prompts` in turn
     prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])  # text models
+
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        steps, guidance = steps_problem(self.steps_per_stage), guidance_problem(self.guidance_scale)
+        return failed(
+            [
+                (not steps, "steps_per_stage", f"= {self.steps_per_stage} {steps}"),
+                (not guidance, "guidance_scale", f"= {self.guidance_scale} {guidance}"),
+                (self.shift > 0, "shift", f"= {self.shift} must be positive"),
+                (self.every >= 0, "every", f"= {self.every} must not be negative"),
+                (self.count >= 1, "count", f"= {self.count} must be at least 1"),
+            ]
+        )
 
 
 @dataclass
@@ -204,6 +374,21 @@ class SlurmConfig:
     job_name: str = "pixelflow"
     extra_sbatch: dict[str, str] = field(default_factory=dict)  # more sbatch options, e.g. {reservation: x}
     setup: list[str] = field(default_factory=list)  # shell lines run before the tasks start (module load ...)
+
+    def problem(self) -> tuple[str, str] | None:
+        """This section's first impossible value as (key within the section, reason), or None."""
+        return failed(
+            [
+                (self.nodes >= 1, "nodes", f"= {self.nodes} must be at least 1"),
+                (self.tasks_per_node >= 1, "tasks_per_node", f"= {self.tasks_per_node} must be at least 1"),
+                (self.gpus_per_node >= 0, "gpus_per_node", "must not be negative"),
+                (self.cpus_per_task >= 1, "cpus_per_task", f"= {self.cpus_per_task} must be at least 1"),
+                (self.mem_gb >= 0, "mem_gb", "must not be negative"),
+                (self.time_min >= 1, "time_min", f"= {self.time_min} must be at least 1"),
+                (self.signal_delay_s >= 0, "signal_delay_s", "must not be negative"),
+                (self.max_timeout_requeues >= 0, "max_timeout_requeues", "must not be negative"),
+            ]
+        )
 
 
 @dataclass
@@ -268,16 +453,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             cfg = OmegaConf.merge(cfg, renamed(OmegaConf.from_dotlist([item]), "command line override"))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command line override '{item}': {_explain(exc)}") from None
-    try:
-        config = _typed(cfg)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {_explain(exc)}") from None
-
+    config = _typed(cfg, str(path))
     problem = first_problem(config)
     if problem is not None:
         key, reason = problem
         source = "command line override" if key in overridden else str(path)
-        raise ConfigError(f"{source}: '{key}' {reason}")
+        raise ConfigError(redact(f"{source}: '{key}' {reason}", secrets_of(config)))
     return config
 
 
@@ -312,15 +493,6 @@ def nonfinite_number(node, prefix: str = "") -> tuple[str, object] | None:
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             return key, value
     return None
-
-
-# One set of sampling-option checks for the config (sample.*), `pixelflow sample` and `pixelflow eval`.
-def steps_problem(steps: int) -> str | None:
-    return None if steps >= 1 else "must be at least 1"
-
-
-def guidance_problem(scale: float) -> str | None:
-    return None if math.isfinite(scale) and scale >= 0 else "must be a finite number >= 0"
 
 
 def compile_enabled(cfg: Config, device_type: str) -> bool:
@@ -366,174 +538,114 @@ def choice_problem(node, prefix: str = "") -> tuple[str, str] | None:
     return None
 
 
-def first_problem(cfg: Config) -> tuple[str, str] | None:
-    """The first impossible value in cfg as (key, reason), or None when the config can run."""
+def first_problem(cfg: Config) -> Problem | None:
+    """The first impossible value in cfg as (key, reason), or None when the config can run: non-finite
+    numbers, then CHOICES, then each section's own checks, then the checks that span sections."""
     nonfinite = nonfinite_number(cfg)
     if nonfinite is not None:
         return nonfinite[0], f"= {nonfinite[1]} must be a finite number"
     choice = choice_problem(cfg)
     if choice is not None:
         return choice
-    m, c, d, t = cfg.model, cfg.cascade, cfg.data, cfg.train
+    for item in fields(cfg):
+        section = getattr(cfg, item.name)
+        found = section.problem() if is_dataclass(section) and hasattr(section, "problem") else None
+        if found is not None:
+            return f"{item.name}.{found[0]}", found[1]
+    return across_sections(cfg)
+
+
+def across_sections(cfg: Config) -> Problem | None:
+    """Checks of values that only make sense together (and of the top-level keys)."""
+    m, c, d, p = cfg.model, cfg.cascade, cfg.data, cfg.parallel
     granule = m.patch_size * 2 ** (c.stages - 1)
     top_tokens = (d.resolution // max(m.patch_size, 1)) ** 2
-    sample_steps, guidance = steps_problem(cfg.sample.steps_per_stage), guidance_problem(cfg.sample.guidance_scale)
-    checks: list[tuple[bool, str, str]] = [
-        (c.stages >= 1, "cascade.stages", f"= {c.stages} must be at least 1"),
-        (m.patch_size >= 1, "model.patch_size", f"= {m.patch_size} must be at least 1"),
-        (
-            d.resolution % granule == 0 and d.resolution > 0,
-            "data.resolution",
-            f"= {d.resolution} must be a positive multiple of patch_size * 2^(stages-1) = {granule}",
-        ),
-        (m.depth >= 1, "model.depth", f"= {m.depth} must be at least 1"),
-        (m.num_heads >= 1, "model.num_heads", f"= {m.num_heads} must be at least 1"),
-        (
-            m.head_dim % 4 == 0 and m.head_dim > 0,
-            "model.head_dim",
-            f"= {m.head_dim} must be a positive multiple of 4 (2D RoPE)",
-        ),
-        (m.num_classes >= 0, "model.num_classes", f"= {m.num_classes} must not be negative"),
-        (0.0 <= m.class_dropout < 1.0, "model.class_dropout", f"= {m.class_dropout} must be in [0, 1)"),
-        (m.mlp_ratio > 0, "model.mlp_ratio", f"= {m.mlp_ratio} must be positive"),
-        (m.text_dim is None or m.text_dim > 0, "model.text_dim", f"= {m.text_dim} must be positive or null"),
-        (c.gamma < 0, "cascade.gamma", f"= {c.gamma} must be negative (block-noise correlation)"),
-        (c.num_train_timesteps >= c.stages, "cascade.num_train_timesteps", "must be at least cascade.stages"),
-        (d.num_workers >= 0, "data.num_workers", f"= {d.num_workers} must not be negative"),
-        (d.shuffle_block >= 1, "data.shuffle_block", f"= {d.shuffle_block} must be at least 1"),
-        (d.lanes >= 0, "data.lanes", f"= {d.lanes} must not be negative"),
-        (d.retries >= 1, "data.retries", f"= {d.retries} must be at least 1"),
-        (d.retry_wait >= 0, "data.retry_wait", f"= {d.retry_wait} must not be negative"),
-        (d.max_pixels >= d.resolution**2, "data.max_pixels", f"= {d.max_pixels} must be at least resolution^2"),
-        (0 <= d.max_bad_fraction < 1, "data.max_bad_fraction", f"= {d.max_bad_fraction} must be in [0, 1)"),
-        (1.0 <= d.expand_ratio <= 4.0, "data.expand_ratio", f"= {d.expand_ratio} must be in [1, 4]"),
-        (cfg.text.max_tokens >= 1, "text.max_tokens", f"= {cfg.text.max_tokens} must be at least 1"),
-        (0.0 <= cfg.text.dropout < 1.0, "text.dropout", f"= {cfg.text.dropout} must be in [0, 1)"),
-        (bool(d.path), "data.path", "must name a dataset directory or s3:// prefix"),
-        (t.steps >= 1, "train.steps", f"= {t.steps} must be at least 1"),
-        (t.global_batch >= 1, "train.global_batch", f"= {t.global_batch} must be at least 1"),
-        (t.micro_batch >= 0, "train.micro_batch", f"= {t.micro_batch} must not be negative"),
-        (t.peak_tflops >= 0, "train.peak_tflops", f"= {t.peak_tflops} must not be negative"),
-        (t.collective_timeout_s > 0, "train.collective_timeout_s", f"= {t.collective_timeout_s} must be positive"),
-        (t.micro_tokens >= 0, "train.micro_tokens", f"= {t.micro_tokens} must not be negative"),
-        (
-            not micro_tokens(cfg) or micro_tokens(cfg) * cfg.parallel.sp >= top_tokens,
-            "train.micro_tokens" if t.micro_tokens else "train.micro_batch",
-            f"gives {micro_tokens(cfg)} tokens per micro-batch on each rank, less than one full-resolution sample "
-            f"needs ({top_tokens} tokens over parallel.sp = {cfg.parallel.sp} ranks)",
-        ),
-        (
-            cfg.plan.stage_weights is None
-            or (
-                len(cfg.plan.stage_weights) == c.stages
-                and min(cfg.plan.stage_weights) >= 0
-                and sum(cfg.plan.stage_weights) > 0
+    tokens = micro_tokens(cfg)
+    return failed(
+        [
+            (
+                d.resolution % granule == 0 and d.resolution > 0,
+                "data.resolution",
+                f"= {d.resolution} must be a positive multiple of patch_size * 2^(stages-1) = {granule}",
             ),
-            "plan.stage_weights",
-            f"= {cfg.plan.stage_weights} must be {c.stages} non-negative numbers (one per stage), not all 0",
-        ),
-        (cfg.plan.token_overhead >= 0, "plan.token_overhead", f"= {cfg.plan.token_overhead} must not be negative"),
-        (t.lr > 0, "train.lr", f"= {t.lr} must be positive"),
-        (t.weight_decay >= 0, "train.weight_decay", f"= {t.weight_decay} must not be negative"),
-        (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)"),
-        (t.warmup_steps >= 0, "train.warmup_steps", f"= {t.warmup_steps} must not be negative"),
-        (0 <= t.min_lr <= t.lr, "train.min_lr", f"= {t.min_lr} must be in [0, train.lr]"),
-        (t.grad_clip > 0, "train.grad_clip", f"= {t.grad_clip} must be positive"),
-        (0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"= {t.ema_decay} must be in [0, 1)"),
-        (t.log_every >= 1, "train.log_every", f"= {t.log_every} must be at least 1"),
-        (cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be at least 1"),
-        (cfg.parallel.dp_shard >= 0, "parallel.dp_shard", "must be 0 (all remaining ranks) or more"),
-        (cfg.parallel.sp >= 1, "parallel.sp", "must be at least 1"),
-        (
-            m.num_heads % cfg.parallel.sp == 0,
-            "parallel.sp",
-            f"= {cfg.parallel.sp} must divide model.num_heads = {m.num_heads} (Ulysses splits heads)",
-        ),
-        (cfg.parallel.tp >= 1, "parallel.tp", "must be at least 1"),
-        (
-            m.num_heads % (cfg.parallel.tp * cfg.parallel.sp) == 0,
-            "parallel.tp",
-            f"= {cfg.parallel.tp} x parallel.sp = {cfg.parallel.sp} must divide model.num_heads = {m.num_heads} "
-            "(tensor parallel and Ulysses both split heads)",
-        ),
-        (
-            cfg.engine != "deepspeed" or (cfg.parallel.sp == cfg.parallel.tp == cfg.parallel.dp_replicate == 1),
-            "engine",
-            "= deepspeed runs ZeRO-3 data parallel only (parallel.sp, tp and dp_replicate must be 1)",
-        ),
-        (
-            cfg.engine != "deepspeed" or (not cfg.parallel.compile and cfg.parallel.activation_checkpointing == "none"),
-            "engine",
-            "= deepspeed runs its own module hooks: parallel.compile and parallel.activation_checkpointing are "
-            "for the fsdp engine (leave them unset)",
-        ),
-        (
-            not cfg.parallel.float8 or (cfg.engine == "fsdp" and cfg.parallel.tp == 1),
-            "parallel.float8",
-            "= true runs with the fsdp engine and parallel.tp = 1 (megatron-core's layers are not torchao's)",
-        ),
-        (
-            re.fullmatch(r"none|full|every_[1-9]\d*", cfg.parallel.activation_checkpointing) is not None,
-            "parallel.activation_checkpointing",
-            f"= '{cfg.parallel.activation_checkpointing}' must be none, full or every_<k>",
-        ),
-        (cfg.checkpoint.every >= 1, "checkpoint.every", f"= {cfg.checkpoint.every} must be at least 1"),
-        (cfg.checkpoint.keep >= 1, "checkpoint.keep", f"= {cfg.checkpoint.keep} must be at least 1"),
-        (
-            cfg.checkpoint.keep_every >= 0,
-            "checkpoint.keep_every",
-            f"= {cfg.checkpoint.keep_every} must not be negative",
-        ),
-        (bool(cfg.resume), "resume", "must be auto, none or a checkpoint path"),
-        (
-            all(
-                name.startswith("SIG")
-                and isinstance(getattr(signal, name, None), signal.Signals)
-                and name not in ("SIGKILL", "SIGSTOP")
-                for name in t.stop_signals
+            (
+                not tokens or tokens * p.sp >= top_tokens,
+                "train.micro_tokens" if cfg.train.micro_tokens else "train.micro_batch",
+                f"gives {tokens} tokens per micro-batch on each rank, less than one full-resolution sample "
+                f"needs ({top_tokens} tokens over parallel.sp = {p.sp} ranks)",
             ),
-            "train.stop_signals",
-            f"= {list(t.stop_signals)} must name catchable signals, e.g. [SIGTERM, SIGUSR2]",
-        ),
-        (not sample_steps, "sample.steps_per_stage", f"= {cfg.sample.steps_per_stage} {sample_steps}"),
-        (not guidance, "sample.guidance_scale", f"= {cfg.sample.guidance_scale} {guidance}"),
-        (
-            cfg.sample.cfg_ramp is None or len(cfg.sample.cfg_ramp) == c.stages,
-            "sample.cfg_ramp",
-            f"must have one value per stage ({c.stages})",
-        ),
-        (cfg.sample.shift > 0, "sample.shift", f"= {cfg.sample.shift} must be positive"),
-        (cfg.sample.every >= 0, "sample.every", f"= {cfg.sample.every} must not be negative"),
-        (cfg.sample.count >= 1, "sample.count", f"= {cfg.sample.count} must be at least 1"),
-        (not m.text_dim or len(cfg.sample.prompts) > 0, "sample.prompts", "must name at least one prompt"),
-        (bool(cfg.run_dir), "run_dir", "must name a directory"),
-        (cfg.slurm.nodes >= 1, "slurm.nodes", f"= {cfg.slurm.nodes} must be at least 1"),
-        (cfg.slurm.tasks_per_node >= 1, "slurm.tasks_per_node", f"= {cfg.slurm.tasks_per_node} must be at least 1"),
-        (cfg.slurm.gpus_per_node >= 0, "slurm.gpus_per_node", "must not be negative"),
-        (cfg.slurm.cpus_per_task >= 1, "slurm.cpus_per_task", f"= {cfg.slurm.cpus_per_task} must be at least 1"),
-        (cfg.slurm.mem_gb >= 0, "slurm.mem_gb", "must not be negative"),
-        (cfg.slurm.time_min >= 1, "slurm.time_min", f"= {cfg.slurm.time_min} must be at least 1"),
-        (cfg.slurm.signal_delay_s >= 0, "slurm.signal_delay_s", "must not be negative"),
-        (cfg.slurm.max_timeout_requeues >= 0, "slurm.max_timeout_requeues", "must not be negative"),
-    ]
-    for ok, key, reason in checks:
-        if not ok:
-            return key, reason
-    return None
+            (
+                cfg.plan.stage_weights is None or len(cfg.plan.stage_weights) == c.stages,
+                "plan.stage_weights",
+                f"= {cfg.plan.stage_weights} must be {c.stages} non-negative numbers (one per stage), not all 0",
+            ),
+            (
+                m.num_heads % p.sp == 0,
+                "parallel.sp",
+                f"= {p.sp} must divide model.num_heads = {m.num_heads} (Ulysses splits heads)",
+            ),
+            (
+                m.num_heads % (p.tp * p.sp) == 0,
+                "parallel.tp",
+                f"= {p.tp} x parallel.sp = {p.sp} must divide model.num_heads = {m.num_heads} "
+                "(tensor parallel and Ulysses both split heads)",
+            ),
+            (
+                cfg.engine != "deepspeed" or (p.sp == p.tp == p.dp_replicate == 1),
+                "engine",
+                "= deepspeed runs ZeRO-3 data parallel only (parallel.sp, tp and dp_replicate must be 1)",
+            ),
+            (
+                cfg.engine != "deepspeed" or (not p.compile and p.activation_checkpointing == "none"),
+                "engine",
+                "= deepspeed runs its own module hooks: parallel.compile and parallel.activation_checkpointing are "
+                "for the fsdp engine (leave them unset)",
+            ),
+            (
+                not p.float8 or (cfg.engine == "fsdp" and p.tp == 1),
+                "parallel.float8",
+                "= true runs with the fsdp engine and parallel.tp = 1 (megatron-core's layers are not torchao's)",
+            ),
+            (
+                cfg.sample.cfg_ramp is None or len(cfg.sample.cfg_ramp) == c.stages,
+                "sample.cfg_ramp",
+                f"must have one value per stage ({c.stages})",
+            ),
+            (not m.text_dim or len(cfg.sample.prompts) > 0, "sample.prompts", "must name at least one prompt"),
+            (bool(cfg.resume), "resume", "must be auto, none or a checkpoint path"),
+            (bool(cfg.run_dir), "run_dir", "must name a directory"),
+        ]
+    )
 
 
 # Values read from the environment (`${oc.env:...}`) are secrets until shown otherwise: they are written as
-# their interpolation text and blanked out of every line the CLIs print.
-SECRET_VALUES: set[str] = set()
+# their interpolation text and blanked out of every error line. Each config carries its own (`secrets_of`).
 URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
 
 
-def redact(text: str) -> str:
-    """Text with URL passwords (scheme://user:pass@host) and environment-derived values blanked out."""
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Text with URL passwords (scheme://user:pass@host) and the given secret values blanked out."""
     text = URL_CREDENTIALS.sub(r"\1***@", text)
-    for value in sorted(SECRET_VALUES, key=len, reverse=True):
+    for value in sorted(secrets, key=len, reverse=True):
         text = text.replace(value, "***")
     return text
+
+
+def secrets_of(cfg: Config) -> frozenset[str]:
+    """The values cfg read from the environment."""
+    return cfg.__dict__.get("_secrets", frozenset())
+
+
+@contextmanager
+def redacting(cfg: Config) -> Iterator[None]:
+    """Run a command on cfg: an error raised inside names none of cfg's environment-derived values."""
+    try:
+        yield
+    except Exception as exc:
+        secrets = secrets_of(cfg)
+        if secrets and len(exc.args) == 1 and isinstance(exc.args[0], str):
+            exc.args = (redact(exc.args[0], secrets),)
+        raise
 
 
 def _env_interpolations(node, prefix: str = "") -> dict[str, str]:
@@ -550,16 +662,22 @@ def _env_interpolations(node, prefix: str = "") -> dict[str, str]:
     return found
 
 
-def _typed(conf) -> Config:
-    """The Config of a merged DictConfig; environment-derived values are remembered as such."""
+def _typed(conf, where: str) -> Config:
+    """The Config of a merged DictConfig; environment-derived values are remembered as such (an error
+    about one, here or later under `redacting`, shows it blanked out)."""
     raw = _env_interpolations(conf)
-    for text in raw.values():  # registered before anything resolves them, so no error line can show them
+    secrets = set()
+    for text in raw.values():  # gathered before anything resolves them, so no error line can show them
         for name in re.findall(r"oc\.env:\s*([^,}\s]+)", text):
             value = os.environ.get(name.strip("'\""))
             if value is not None and len(value) >= 4:
-                SECRET_VALUES.add(value)
-    config: Config = OmegaConf.to_object(conf)
-    config.__dict__["_env_interpolations"] = raw  # not a field: to_yaml writes these back unresolved
+                secrets.add(value)
+    try:
+        config: Config = OmegaConf.to_object(conf)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(redact(f"{where}: {_explain(exc)}", secrets)) from None
+    config.__dict__["_env_interpolations"] = raw  # not fields: to_yaml writes these back unresolved
+    config.__dict__["_secrets"] = frozenset(secrets)
     return config
 
 
@@ -584,7 +702,4 @@ def from_yaml(text: str, unset_env_ok: bool = False) -> Config:
             except OmegaConfBaseException:
                 default = OmegaConf.select(defaults, key, throw_on_missing=False)
                 OmegaConf.update(conf, key, "(unset)" if default is None else default, merge=False)
-    try:
-        return _typed(conf)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"saved config: {_explain(exc)}") from None
+    return _typed(conf, "saved config")

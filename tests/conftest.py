@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_tools.synthetic import write_synthetic_dataset  # noqa: E402
-from pixelflow.config import SECRET_VALUES, Config, load_config  # noqa: E402
+from pixelflow.config import Config, load_config  # noqa: E402
 from pixelflow.quality.inception import random_inception  # noqa: E402
 from tests.s3 import CREDENTIALS, MotoServer, free_port  # noqa: E402
 
@@ -27,9 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def same_start():
     """Every test starts from the same global state whatever ran before it: seeded RNGs and torch's default
-    handling of subnormal floats (the trainer and the sampler switch it for their process), and no values an
-    earlier command read from the environment blanked out of its lines."""
-    SECRET_VALUES.clear()
+    handling of subnormal floats (the trainer and the sampler switch it for their process)."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)

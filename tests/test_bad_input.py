@@ -205,6 +205,21 @@ def test_values_from_the_environment_are_never_written_resolved_nor_printed(
     assert "hunter2" not in line and "'data.resolution'" in line
 
 
+def test_an_error_during_the_run_blanks_out_values_from_the_environment_and_only_that_configs(
+    tmp_path, monkeypatch, capsys
+):
+    hidden = tmp_path / "hunter2-dataset"
+    monkeypatch.setenv("PIXELFLOW_TEST_DATA", str(hidden))
+    overrides = tiny_overrides(tmp_path / "run", "${oc.env:PIXELFLOW_TEST_DATA}", "train.steps=1")
+    assert main(["train", "configs/demo.yaml", *overrides]) == 2
+    [line] = error_lines(capsys)
+    assert "***" in line and "hunter2" not in line, line
+    # the next command's config reads nothing from the environment: nothing of the first is blanked in it
+    assert main(["train", "configs/demo.yaml", *tiny_overrides(tmp_path / "run2", str(hidden), "train.steps=1")]) == 2
+    [line] = error_lines(capsys)
+    assert str(hidden) in line, line
+
+
 def test_a_password_in_the_endpoint_url_is_redacted_wherever_written_or_printed(tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, "s3://bucket/data", "data.retries=1")
