@@ -111,13 +111,11 @@ def test_sigkill_at_any_moment_then_the_same_command_continues_the_same_trajecto
 ):
     run_dir = tmp_path / "run"
     args = train_args(run_dir, shapes_dataset, 8, f"checkpoint.async_save={moment == 'async_save'}")
-    env = dict(ENV)
-    if moment != "between_steps":
-        env["PIXELFLOW_TEST_STALL_COMMIT"] = "4:600"  # step 4's save: all files written, commit held back
-    job = subprocess.Popen(
-        torchrun(2) + ["--master_port", str(free_port())] + args,
+    first = args if moment == "between_steps" else ["-m", "tests.stalled_commit", "4:600", *args[2:]]
+    job = subprocess.Popen(  # stalled: step 4's save has all its files written, its commit held back
+        torchrun(2) + ["--master_port", str(free_port())] + first,
         cwd=REPO,
-        env=env,
+        env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -18,9 +18,6 @@ step and the cause (`CheckpointSaveError`); an asynchronous one is noticed at th
 (`failed()`, agreed over the ranks with the stop signals), not at the next save. The newest committed
 checkpoint is never touched by a failing save. The start point of the run's lineage (`protect`) is never
 pruned.
-
-Test hook: PIXELFLOW_TEST_STALL_COMMIT=<step>:<seconds> makes rank 0 wait that long before committing
-that step's save (every rank's files written, no manifest yet), so tests can kill a run mid-save.
 """
 
 from __future__ import annotations
@@ -270,7 +267,6 @@ class Checkpointer:
         write_durably(temporary / f"{CRC}{self.world.rank}.json", json.dumps(sums))
         self._barrier()
         if self.world.is_main:
-            _stall_if_asked(step)
             self._commit(temporary, step)
         self._barrier()  # a returned save is a committed one, on every rank
 
@@ -343,12 +339,6 @@ class Checkpointer:
             part.load_state_dict(join_tensors(saved[name], tensors, name))
             if hasattr(part, "load_files"):
                 part.load_files(source.path)
-
-
-def _stall_if_asked(step: int) -> None:
-    stall_step, _, seconds = os.environ.get("PIXELFLOW_TEST_STALL_COMMIT", "").partition(":")
-    if stall_step and int(stall_step) == step:
-        time.sleep(float(seconds))
 
 
 # ------------------------------------------------------------------- weights for sampling and fine-tuning
