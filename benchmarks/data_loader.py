@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import emit  # noqa: E402
 from data_tools.ingest import Options, ingest  # noqa: E402
+from pixelflow.config import DataConfig  # noqa: E402
 from pixelflow.data.loader import DataStream  # noqa: E402
 from pixelflow.data.storage import storage_options  # noqa: E402
 from tests.s3 import CREDENTIALS, MotoServer  # noqa: E402
@@ -131,17 +132,16 @@ def main() -> None:
             )
         }
         for resize_filter in ("bicubic", "lanczos"):
-            stream = DataStream(
-                path,
-                args.batch,
-                256,
-                seed=0,
+            section = DataConfig(
+                path=path,
+                resolution=256,
                 num_workers=1,
                 shuffle_block=256,
-                storage_options=storage_options(path, server.endpoint),
                 expand_ratio=args.expand_ratio,
                 resize_filter=resize_filter,
             )
+            options = storage_options(path, server.endpoint)
+            stream = DataStream(section, global_batch=args.batch, seed=0, storage_options=options)
             results[f"pixelflow DataStream, {resize_filter}"] = throughput(stream, count, args.batch)
             stream.close()
         plain = results["plain webdataset + Pillow"]

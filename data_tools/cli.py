@@ -73,15 +73,29 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=KINDS, help="input kind (detected when not given)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials: the AWS environment)")
     parser.add_argument("--report", help="also write the report JSON here")
-    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument(
+        "--per-shard", type=int, default=Options.per_shard, help="samples per shard (default %(default)s)"
+    )
     parser.add_argument("--shard-size-mb", type=float, help="group by source megabytes instead of count")
-    parser.add_argument("--min-size", type=int, default=64, help="skip images with a shorter side below this")
-    parser.add_argument("--max-aspect", type=float, default=4.0, help="skip images longer/shorter side above this")
-    parser.add_argument("--max-side", type=int, default=0, help="downscale images larger than this (0 = keep)")
-    parser.add_argument("--max-pixels", type=int, default=50_000_000, help="skip images of more pixels (default 50M)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
+    parser.add_argument(
+        "--min-size", type=int, default=Options.min_size, help="skip images with a shorter side below this"
+    )
+    parser.add_argument(
+        "--max-aspect", type=float, default=Options.max_aspect, help="skip images longer/shorter side above this"
+    )
+    parser.add_argument(
+        "--max-side", type=int, default=Options.max_side, help="downscale images larger than this (0 = keep)"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, default=Options.max_pixels, help="skip larger images (default %(default)s)"
+    )
+    parser.add_argument(
+        "--quality", type=int, default=Options.quality, help="JPEG quality when re-encoding (default %(default)s)"
+    )
     parser.add_argument("--reencode", action="store_true", help="re-encode every image, not only changed ones")
-    parser.add_argument("--max-file-mb", type=float, default=256.0, help="skip larger input files (default 256)")
+    parser.add_argument(
+        "--max-file-mb", type=float, default=Options.max_file_mb, help="skip larger input files (default %(default)s)"
+    )
     parser.add_argument(
         "--allow-outside-root", action="store_true", help="read inputs and captions that resolve outside the input"
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pixelflow.data.decode import DEFAULT_MAX_PIXELS
 from pixelflow.data.shard_format import (
     Manifest,
     ShardInfo,
@@ -71,7 +72,7 @@ class Options:
     max_side: int = 0  # 0 = keep the size
     quality: int = 95
     reencode: bool = False
-    max_pixels: int = 50_000_000  # larger images are skipped (too_many_pixels), judged from the header
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (too_many_pixels), judged from the header
     max_file_mb: float = 256.0  # larger input files are skipped (too_large_file) without being read
     allow_outside_root: bool = False  # read inputs (or captions) that resolve outside the input root
 

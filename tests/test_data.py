@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pixelflow.config import DataConfig
 from pixelflow.data.decode import DecodeError, decode_crop
 from pixelflow.data.loader import DataStream, LaneReader, ReadSettings, lane_shards
 from pixelflow.data.shard_format import (
@@ -68,7 +69,7 @@ def lane_epochs(root, lane: int, num_lanes: int, epochs: int) -> list[list[str]]
     """The keys a lane yields in each of its first epochs."""
     fs, base = filesystem(str(root))
     manifest = read_manifest(fs, base)
-    settings = ReadSettings(str(root), manifest, num_lanes, seed=5, resolution=32, shuffle_block=10)
+    settings = ReadSettings(DataConfig(path=str(root), resolution=32, shuffle_block=10), manifest, num_lanes, seed=5)
     stream = LaneReader(settings, lane).samples(0)
     out = []
     for epoch in range(epochs):
@@ -86,6 +87,11 @@ def test_every_sample_exactly_once_per_epoch_across_lanes(shapes_dataset):
     assert epochs[0][0] != epochs[0][1]  # reshuffled between epochs
 
 
+def data_section(root, **values) -> DataConfig:
+    """A data section reading `root` in 32-pixel crops, in the main process unless `values` say otherwise."""
+    return DataConfig(**{"path": str(root), "resolution": 32, "num_workers": 0, "shuffle_block": 16, **values})
+
+
 def take(stream: DataStream, count: int):
     return [next(stream) for _ in range(count)]
 
@@ -93,7 +99,7 @@ def take(stream: DataStream, count: int):
 def global_batches(root, ranks: int, workers: int, steps: int) -> list[dict[int, tuple[str, bytes]]]:
     """Per step, slot -> (key, image bytes) of the global batch that `ranks` data ranks read together."""
     streams = [
-        DataStream(str(root), 8, 32, seed=3, num_workers=workers, shuffle_block=16, rank=rank, world_size=ranks)
+        DataStream(data_section(root, num_workers=workers), global_batch=8, seed=3, rank=rank, world_size=ranks)
         for rank in range(ranks)
     ]
     out = []
@@ -117,14 +123,14 @@ def test_the_global_batch_is_the_same_on_any_number_of_ranks_and_workers(shapes_
     assert len(set(keys)) == len(keys) == 48
     for ranks, workers in [(2, 2), (4, 1), (3, 0), (8, 1)]:  # 8 ranks > 6 lanes: two read nothing
         assert global_batches(shapes_dataset, ranks, workers, 6) == reference, (ranks, workers)
-    first = next(DataStream(str(shapes_dataset), 8, 32, seed=3, num_workers=0, shuffle_block=16))
+    first = next(DataStream(data_section(shapes_dataset), global_batch=8, seed=3))
     assert first.images.dtype == torch.uint8 and first.images.shape == (8, 3, 32, 32) and first.step == 1
 
 
 def test_resume_from_lane_cursors_continues_exactly(shapes_dataset):
     def stream(state=None, first_step=1):
         return DataStream(
-            str(shapes_dataset), 8, 32, seed=3, num_workers=2, shuffle_block=16, state=state, first_step=first_step
+            data_section(shapes_dataset, num_workers=2), global_batch=8, seed=3, state=state, first_step=first_step
         )
 
     uninterrupted = stream()
@@ -139,7 +145,7 @@ def test_resume_from_lane_cursors_continues_exactly(shapes_dataset):
 
 def test_too_few_shards_for_the_lanes_is_a_clear_error(shapes_dataset):
     with pytest.raises(ShardFormatError, match="6 shards cannot feed 8 reading lanes"):
-        DataStream(str(shapes_dataset), 8, 32, seed=0, num_workers=4, shuffle_block=16, lanes=8)
+        DataStream(data_section(shapes_dataset, num_workers=4, lanes=8), global_batch=8, seed=0)
 
 
 def jpeg(colour, size=40) -> bytes:
@@ -158,7 +164,7 @@ def test_a_corrupt_image_is_skipped_and_the_batch_stays_full(tmp_path, caplog):
             writer.add(f"s{number}-{i}", data, "jpg", "c", {"label": i, "width": 40, "height": 40})
         shards.append(writer.close())
     write_json_atomically(fs, f"{base}/manifest.json", Manifest(shards).to_json())
-    stream = DataStream(str(tmp_path), 4, 32, seed=0, num_workers=0, shuffle_block=4)
+    stream = DataStream(data_section(tmp_path, shuffle_block=4), global_batch=4, seed=0)
     with caplog.at_level(logging.WARNING):
         keys = [k for b in take(stream, 4) for k in b.keys]
     assert "s1-2" not in keys and len(keys) == 16
@@ -190,8 +196,10 @@ def test_expand_ratio_resizes_past_the_crop_and_both_filters_agree():
         for seed in range(20)
     }
     assert len(crops) > 1  # the 36-pixel resize leaves room for the crop to move
-    assert {decode_crop(data, 32, np.random.default_rng(s), flip=False)[0, 0, 0] for s in range(20)} == {
-        decode_crop(data, 32, rng, flip=False)[0, 0, 0]
+    assert {
+        decode_crop(data, 32, np.random.default_rng(s), flip=False, expand_ratio=1.0)[0, 0, 0] for s in range(20)
+    } == {
+        decode_crop(data, 32, rng, flip=False, expand_ratio=1.0)[0, 0, 0]
     }  # ratio 1: the crop is the whole resized image
     bicubic = decode_crop(data, 32, np.random.default_rng(1), expand_ratio=1.125).astype(int)
     lanczos = decode_crop(data, 32, np.random.default_rng(1), expand_ratio=1.125, resize_filter="lanczos")

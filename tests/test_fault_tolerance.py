@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from pixelflow.config import DataConfig
 from pixelflow.data.loader import LaneReader, ReadSettings
 from pixelflow.data.shard_format import read_manifest
 from pixelflow.data.storage import filesystem
@@ -203,7 +204,9 @@ def two_rank_run(tmp_path_factory, shapes_dataset) -> Path:
 def lane_keys(data: Path, lanes: int, cursors: list[int]) -> list[str]:
     """The keys each lane yields before its cursor: what a run must have trained on, each exactly once."""
     fs, root = filesystem(str(data))
-    settings = ReadSettings(str(data), read_manifest(fs, root), lanes, 0, 32, 16)
+    settings = ReadSettings(
+        DataConfig(path=str(data), resolution=32, shuffle_block=16), read_manifest(fs, root), lanes, 0
+    )
     keys = []
     for lane, cursor in enumerate(cursors):
         samples = LaneReader(settings, lane).samples(0)

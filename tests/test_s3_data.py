@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from data_tools.ingest import Options, ingest
+from pixelflow.config import DataConfig
 from pixelflow.data.loader import DataStream, LaneReader, ReadSettings, merge_states
 from pixelflow.data.shard_format import read_index, read_manifest
 from pixelflow.data.storage import filesystem
@@ -164,22 +165,24 @@ def s3_shapes(s3_endpoint):
     return path
 
 
-def stream(path, endpoint, rank=0, world=1, workers=2, state=None, options=None, batch=4, **kwargs):
-    """A data rank's share of global batches of `batch` samples from 4 lanes."""
-    kwargs.setdefault("lanes", 4)
+def stream(path, endpoint, rank=0, world=1, workers=2, state=None, options=None, batch=4, first_step=1, **data):
+    """A data rank's share of global batches of `batch` samples from 4 lanes (`data`: more data.* values)."""
+    data.setdefault("lanes", 4)
     return DataStream(
-        path,
-        batch,
-        32,
+        DataConfig(path=path, resolution=32, num_workers=workers, shuffle_block=6, **data),
+        global_batch=batch,
         seed=7,
-        num_workers=workers,
-        shuffle_block=6,
         rank=rank,
         world_size=world,
         state=state,
         storage_options=options or s3_options(endpoint),
-        **kwargs,
+        first_step=first_step,
     )
+
+
+def s3_data(path: str) -> DataConfig:
+    """The data section stream() reads with."""
+    return DataConfig(path=path, resolution=32, shuffle_block=6)
 
 
 def take_keys(data: DataStream, batches: int) -> list[str]:
@@ -218,7 +221,7 @@ def test_elastic_resume_neither_repeats_nor_skips(s3_endpoint, s3_shapes, new_wo
     ]
     seen_after = Counter(key for data in after for key in take_keys(data, 5))
     end = merge_states([data.state_dict() for data in after])
-    settings = ReadSettings(s3_shapes, after[0].manifest, 4, 7, 32, 6, s3_options(s3_endpoint.endpoint))
+    settings = ReadSettings(s3_data(s3_shapes), after[0].manifest, 4, 7, s3_options(s3_endpoint.endpoint))
     expected_before, expected_after = Counter(), Counter()
     for lane in range(4):
         samples = LaneReader(settings, lane).samples(0)
@@ -259,7 +262,7 @@ def test_persistent_failure_names_the_shard(s3_endpoint, s3_shapes):
 def test_lane_reader_reads_each_lane_epoch_from_s3(s3_endpoint, s3_shapes):
     fs, base = filesystem(s3_shapes, endpoint_url=s3_endpoint.endpoint)
     manifest = read_manifest(fs, base)
-    settings = ReadSettings(s3_shapes, manifest, 4, 7, 32, 6, s3_options(s3_endpoint.endpoint))
+    settings = ReadSettings(s3_data(s3_shapes), manifest, 4, 7, s3_options(s3_endpoint.endpoint))
     keys = Counter()
     for lane in range(4):
         samples = LaneReader(settings, lane).samples(0)

@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from pixelflow.config import DataConfig
+
 
 class DecodeError(ValueError):
     """An image that cannot be decoded; the reader skips it and counts it."""
 
 
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = DataConfig.max_pixels
 
 
 def decode_rgb(data: bytes, shorter_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -39,8 +41,8 @@ def decode_crop(
     rng: np.random.Generator,
     flip: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    expand_ratio: float = 1.0,
-    resize_filter: str = "bicubic",
+    expand_ratio: float = DataConfig.expand_ratio,
+    resize_filter: str = DataConfig.resize_filter,
 ) -> np.ndarray:
     """Decode, resize the shorter side to round(expand_ratio x resolution), random square crop of
     `resolution`, random horizontal flip. Returns (3, R, R) uint8.

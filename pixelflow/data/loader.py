@@ -33,10 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pixelflow.config import DataConfig
 from pixelflow.data import text_store
-from pixelflow.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_crop
+from pixelflow.data.decode import DecodeError, decode_crop
 from pixelflow.data.shard_format import Manifest, SampleEntry, parse_sample, read_index, read_manifest
 from pixelflow.data.storage import filesystem, with_retries
+from pixelflow.data.storage import storage_options as storage_options_for
 from pixelflow.errors import ConfigError, ShardFormatError, StorageError
 
 log = logging.getLogger(__name__)
@@ -52,21 +54,13 @@ def lane_shards(num_shards: int, num_lanes: int, lane: int, seed: int, epoch: in
 class ReadSettings:
     """Everything a reading process needs; picklable, so DataLoader workers get it whole."""
 
-    path: str
+    data: DataConfig  # the path, crop, shuffling, retries and decoding: the config's section as it is
     manifest: Manifest
     num_lanes: int
     seed: int
-    resolution: int
-    shuffle_block: int
     storage_options: dict = field(default_factory=dict)
-    retries: int = 5
-    retry_wait: float = 0.5
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bad_fraction: float = 0.2
     text: str = ""  # what travels with each image: "" nothing | captions | embeddings (precomputed)
     embeddings: str = ""  # where the precomputed embeddings are (text = embeddings)
-    expand_ratio: float = 1.0  # shorter side resized to this x resolution before the crop
-    resize_filter: str = "bicubic"
     text_dim: int = 0  # the width of the precomputed embeddings, which every shard's must match
 
 
@@ -101,14 +95,14 @@ class LaneReader:
     def _filesystem(self):
         """(filesystem, dataset path in it), made afresh in each process: s3fs instances are not fork-safe."""
         if self._fs_pid != os.getpid():
-            self._fs, self._base = filesystem(self.settings.path, **self.settings.storage_options)
+            self._fs, self._base = filesystem(self.settings.data.path, **self.settings.storage_options)
             self._fs_pid = os.getpid()
         return self._fs, self._base
 
     def _load_index(self, shard: int) -> list[SampleEntry]:
         fs, base = self._filesystem()
         settings, info = self.settings, self.settings.manifest.shards[shard]
-        entries = read_index(fs, base, info.name, settings.retries, settings.retry_wait)
+        entries = read_index(fs, base, info.name, settings.data.retries, settings.data.retry_wait)
         if len(entries) != info.count:
             raise ShardFormatError(
                 f"{base}/{info.name}: the manifest says {info.count} samples, its index lists {len(entries)}"
@@ -119,7 +113,7 @@ class LaneReader:
         fs, _ = self._filesystem()
         name = self.settings.manifest.shards[shard].name.removesuffix(".tar")
         index = text_store.read_index(
-            fs, self.settings.embeddings, name, self.settings.retries, self.settings.retry_wait
+            fs, self.settings.embeddings, name, self.settings.data.retries, self.settings.data.retry_wait
         )
         if index is None or len(index["entries"]) != self.settings.manifest.shards[shard].count:
             raise ShardFormatError(
@@ -142,7 +136,14 @@ class LaneReader:
         index = self._embedding_index(shard)
         name = self.settings.manifest.shards[shard].name.removesuffix(".tar")
         arrays = text_store.read_entries(
-            fs, self.settings.embeddings, name, index, first, stop, self.settings.retries, self.settings.retry_wait
+            fs,
+            self.settings.embeddings,
+            name,
+            index,
+            first,
+            stop,
+            self.settings.data.retries,
+            self.settings.data.retry_wait,
         )
         for (key, _, _), entry in zip(index["entries"][first:stop], entries):
             if key != entry.key:
@@ -162,10 +163,10 @@ class LaneReader:
         epoch, offset = 0, position
         while offset >= len(entries := self._epoch_entries(epoch)):
             if not entries:
-                raise ShardFormatError(f"{self.settings.path}: lane {self.lane} was dealt only empty shards")
+                raise ShardFormatError(f"{self.settings.data.path}: lane {self.lane} was dealt only empty shards")
             offset -= len(entries)
             epoch += 1
-        size = self.settings.shuffle_block
+        size = self.settings.data.shuffle_block
         while True:
             entries = self._epoch_entries(epoch)
             for start in range(offset - offset % size, len(entries), size):
@@ -194,8 +195,8 @@ class LaneReader:
                         path, start=head.offset, end=tail.offset + tail.length
                     ),
                     f"reading shard {path}",
-                    self.settings.retries,
-                    self.settings.retry_wait,
+                    self.settings.data.retries,
+                    self.settings.data.retry_wait,
                 )
             except FileNotFoundError:
                 raise ShardFormatError(f"{path}: shard missing (its index and the manifest name it)") from None
@@ -240,11 +241,11 @@ class LaneReader:
         try:
             image = decode_crop(
                 members[entry.image],
-                self.settings.resolution,
+                self.settings.data.resolution,
                 rng,
-                max_pixels=self.settings.max_pixels,
-                expand_ratio=self.settings.expand_ratio,
-                resize_filter=self.settings.resize_filter,
+                max_pixels=self.settings.data.max_pixels,
+                expand_ratio=self.settings.data.expand_ratio,
+                resize_filter=self.settings.data.resize_filter,
             )
         except (DecodeError, KeyError) as exc:
             log.warning("skipping sample %s (lane %d): cannot decode image: %s", entry.key, self.lane, exc)
@@ -296,10 +297,10 @@ class BadShare:
     def add(self, sample: Sample) -> None:
         self.outcomes.append(sample.image is None)
         bad = sum(self.outcomes)
-        if len(self.outcomes) >= self.MINIMUM and bad > self.settings.max_bad_fraction * len(self.outcomes):
+        if len(self.outcomes) >= self.MINIMUM and bad > self.settings.data.max_bad_fraction * len(self.outcomes):
             raise ShardFormatError(
-                f"{self.settings.path}: {bad} of the last {len(self.outcomes)} samples could not be decoded, more "
-                f"than data.max_bad_fraction = {self.settings.max_bad_fraction} (the last: {sample.key}: "
+                f"{self.settings.data.path}: {bad} of the last {len(self.outcomes)} samples could not be decoded, more "
+                f"than data.max_bad_fraction = {self.settings.data.max_bad_fraction} (the last: {sample.key}: "
                 f"{sample.problem or 'decoded'})"
             )
 
@@ -342,7 +343,7 @@ class ShardStream(IterableDataset):
             yield ReadShare(
                 step,
                 slots,
-                _stack(images, self.settings.resolution),
+                _stack(images, self.settings.data.resolution),
                 torch.tensor(labels, dtype=torch.int64),
                 keys,
                 dict(positions),
@@ -392,33 +393,27 @@ class DataStream:
 
     def __init__(
         self,
-        path: str,
+        data: DataConfig,
+        *,
         global_batch: int,
-        resolution: int,
         seed: int,
-        num_workers: int,
-        shuffle_block: int,
         rank: int = 0,
         world_size: int = 1,
         state: dict | None = None,
         storage_options: dict | None = None,
         pin_memory: bool = False,
-        lanes: int = 0,
-        retries: int = 5,
-        retry_wait: float = 0.5,
         ignore_signals: tuple[int, ...] = (),
         num_classes: int = 0,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_bad_fraction: float = 0.2,
         first_step: int = 1,
         text: str = "",
         embeddings: str = "",
-        expand_ratio: float = 1.0,
-        resize_filter: str = "bicubic",
         text_dim: int = 0,
     ):
-        storage_options = storage_options or {}
-        manifest, num_lanes = open_dataset(path, storage_options, retries, retry_wait, num_classes, lanes, state)
+        if storage_options is None:
+            storage_options = storage_options_for(data.path, data.endpoint_url)
+        manifest, num_lanes = open_dataset(
+            data.path, storage_options, data.retries, data.retry_wait, num_classes, data.lanes, state
+        )
         self.num_classes = num_classes  # labels must lie in 0..num_classes-1 (0: unchecked)
         if num_lanes < world_size and rank == 0:
             log.warning(
@@ -428,30 +423,14 @@ class DataStream:
                 world_size,
                 world_size - num_lanes,
             )
-        self.manifest, self.num_lanes, self.resolution = manifest, num_lanes, resolution
+        self.manifest, self.num_lanes, self.resolution = manifest, num_lanes, data.resolution
         self.global_batch, self.step = global_batch, first_step
         self.lanes = list(range(rank, num_lanes, world_size))
         saved = state["positions"] if state else [0] * num_lanes
         self.positions = {lane: int(saved[lane]) for lane in self.lanes}
+        num_workers = data.num_workers
         self.workers = max(min(num_workers, len(self.lanes)), 1) if self.lanes else 0
-        settings = ReadSettings(
-            path,
-            manifest,
-            num_lanes,
-            seed,
-            resolution,
-            shuffle_block,
-            storage_options,
-            retries,
-            retry_wait,
-            max_pixels,
-            max_bad_fraction,
-            text,
-            embeddings,
-            expand_ratio,
-            resize_filter,
-            text_dim,
-        )
+        settings = ReadSettings(data, manifest, num_lanes, seed, storage_options, text, embeddings, text_dim)
         self._iterator = None
         if self.lanes:
             stream = ShardStream(settings, self.lanes, dict(self.positions), global_batch, first_step)

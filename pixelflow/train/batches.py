@@ -17,7 +17,6 @@ from pixelflow.config import Config
 from pixelflow.data.exchange import exchange
 from pixelflow.data.loader import DataStream, lane_reader, merge_states, slot_lanes
 from pixelflow.data.planner import StepPlan, plan_settings, plan_step
-from pixelflow.data.storage import storage_options
 from pixelflow.data.text_store import embeddings_location
 from pixelflow.parallel.world import World
 from pixelflow.train.signals import signal_numbers
@@ -83,29 +82,18 @@ def open_stream(cfg: Config, world: World, state: dict | None, first_step: int) 
     """This data rank's share of every global batch from `first_step` on, continuing from a checkpoint's lane
     cursors when given."""
     return DataStream(
-        cfg.data.path,
-        cfg.train.global_batch,
-        cfg.data.resolution,
-        cfg.seed,
-        cfg.data.num_workers,
-        cfg.data.shuffle_block,
+        cfg.data,
+        global_batch=cfg.train.global_batch,
+        seed=cfg.seed,
         rank=world.dp_rank,
         world_size=world.dp_size,
         state=state,
-        storage_options=storage_options(cfg.data.path, cfg.data.endpoint_url),
         pin_memory=world.device.type == "cuda",
-        lanes=cfg.data.lanes,
-        retries=cfg.data.retries,
-        retry_wait=cfg.data.retry_wait,
         ignore_signals=tuple(signal_numbers(cfg.train.stop_signals)),
         num_classes=cfg.model.num_classes,
-        max_pixels=cfg.data.max_pixels,
-        max_bad_fraction=cfg.data.max_bad_fraction,
         first_step=first_step,
         text=text_payload(cfg),
         embeddings=embeddings_location(cfg.text.embeddings, cfg.data.path) if cfg.model.text_dim else "",
-        expand_ratio=cfg.data.expand_ratio,
-        resize_filter=cfg.data.resize_filter,
         text_dim=cfg.model.text_dim or 0,
     )
 
