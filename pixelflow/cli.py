@@ -42,12 +42,6 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {export(Path(args.source), Path(args.destination), args.weights, args.force)}")
 
 
-def _convert_checkpoint(args: argparse.Namespace) -> None:
-    from pixelflow.train.legacy import convert_legacy
-
-    print(f"wrote {convert_legacy(args.file)}")
-
-
 def check_sampling_options(args: argparse.Namespace) -> None:
     """--steps and --cfg, by the checks the config's sample.* values pass too."""
     steps = steps_problem(args.steps) if args.steps is not None else None
@@ -308,14 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an export already in DESTINATION")
     export.set_defaults(func=_export)
 
-    legacy = commands.add_parser(
-        "convert-checkpoint",
-        help="turn an older single-file checkpoint (step_N.pt) into a step folder beside it",
-        description="Convert checkpoints/step_NNNNNNNN.pt (written by earlier versions) into "
-        "checkpoints/step_NNNNNNNN/, so the run resumes from it exactly.",
-    )
-    legacy.add_argument("file", help="the step_NNNNNNNN.pt file")
-    legacy.set_defaults(func=_convert_checkpoint)
     return parser
 
 

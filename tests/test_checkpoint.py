@@ -179,7 +179,7 @@ def write_legacy_checkpoint(run_dir, shapes_dataset, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_older_single_file_checkpoints_sample_and_convert_to_resume_exactly(tmp_path, shapes_dataset, nine_steps):
+def test_older_single_file_checkpoints_sample_and_fine_tune_but_do_not_resume(tmp_path, shapes_dataset):
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
     write_legacy_checkpoint(run_dir, shapes_dataset, 3)
     legacy = run_dir / "checkpoints" / "step_00000003.pt"
@@ -188,13 +188,11 @@ def test_older_single_file_checkpoints_sample_and_convert_to_resume_exactly(tmp_
     refused = pixelflow_cli("train", "configs/demo.yaml", *tiny_overrides(run_dir, shapes_dataset, "train.steps=9"))
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
-        f"pixelflow: error: {legacy}: single-file checkpoint from an earlier version; convert it with "
-        f"`pixelflow convert-checkpoint {legacy}` and train again"
+        f"pixelflow: error: {legacy}: single-file checkpoint from an earlier version, which no longer resumes; "
+        f"train on from its weights with resume={legacy} and another run_dir"
     )
-    converted = pixelflow_cli("convert-checkpoint", str(legacy))
-    assert converted.returncode == 0, converted.stderr
-    train(tiny_config(run_dir, shapes_dataset, "train.steps=9"))
-    assert losses(run_dir) == losses(nine_steps)
+    tuned = train(tiny_config(tmp_path / "tuned", shapes_dataset, "train.steps=2", f"resume={legacy}"))
+    assert tuned.step == 2 and len(losses(tuned.run_dir)) == 2  # a new lineage from the file's weights
 
 
 def test_async_saves_name_their_staging_options_and_fall_back_to_sync_without_them(

@@ -38,7 +38,7 @@ class UnitBatch:
 
 class Batches:
     def __init__(self, cfg: Config, world: World, *, state: dict | None, first_step: int):
-        self.world, self.global_batch, self.step = world, cfg.train.global_batch, first_step - 1
+        self.world, self.step = world, first_step - 1
         self.conditioner = TextConditioner(cfg, world) if cfg.model.text_dim else None
         self.stream = open_stream(cfg, world, state, first_step)
         self.settings = plan_settings(cfg, world.dp_size)
@@ -52,7 +52,8 @@ class Batches:
         share = next(self.stream)
         self.step += 1
         plan = plan_step(self.settings, self.step)
-        readers = lane_reader(slot_lanes(self.step, self.global_batch, self.stream.num_lanes), self.world.dp_size)
+        stream = self.stream
+        readers = lane_reader(slot_lanes(self.step, stream.global_batch, stream.num_lanes), self.world.dp_size)
         world, with_text = self.world, self.conditioner is not None
         images, labels, payloads = exchange(
             share, plan, readers, world.dp_rank, self.group, world.device, with_text, world.control

@@ -217,8 +217,8 @@ def plan_start(cfg: Config, checksums: bool = True) -> StartPlan:
         legacy = legacy_checkpoints(directory)
         if legacy:
             raise CheckpointError(
-                f"{legacy[-1]}: single-file checkpoint from an earlier version; convert it with "
-                f"`pixelflow convert-checkpoint {legacy[-1]}` and train again"
+                f"{legacy[-1]}: single-file checkpoint from an earlier version, which no longer resumes; "
+                f"train on from its weights with resume={legacy[-1]} and another run_dir"
             )
         return StartPlan(None, 0, None, None)
     source = resolve_source(Path(cfg.resume), checksums)
