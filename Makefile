@@ -46,6 +46,7 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/pyright
 
 format: setup
 	$(PY) -m ruff check --fix .

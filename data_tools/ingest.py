@@ -340,7 +340,7 @@ def prepare_image(data: bytes, options: Options) -> tuple[bytes, str, int, int, 
 def shard_fingerprint(job: ShardJob) -> str:
     """What a shard is made of: its inputs (key, path, size, caption, label, problem) and the options.
     A rerun reuses a finished shard only when this is unchanged."""
-    described = [asdict(job.options)]
+    described: list = [asdict(job.options)]
     for item in job.items:
         try:
             size = os.stat(item.source).st_size if item.source and item.problem is None else None

@@ -23,7 +23,7 @@ class ArrayTask:
         self.step, self.args, self.part = step, args, part
 
     def __call__(self) -> dict:
-        return asdict(self.step(self.args, self.part))
+        return asdict(self.step(self.args, self.part))  # pyright: ignore[reportArgumentType] (every step returns a report dataclass)
 
 
 def submit_array(

@@ -325,4 +325,4 @@ def _dopri5_stage(guided, x: torch.Tensor, schedule: CascadeSchedule, stage: int
         return guided(state, schedule.timestep(stage, tau * last).float(), scale)
 
     times = torch.tensor([0.0, 1.0], dtype=torch.float32, device=x.device)
-    return odeint(field, x, times, method="dopri5", atol=1e-6, rtol=1e-3)[-1]
+    return odeint(field, x, times, method="dopri5", atol=1e-6, rtol=1e-3)[-1]  # pyright: ignore[reportReturnType] (one state in, one out)

@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, user_errors: tuple[type, ...]) -> int:
+def run_command(
+    parser: argparse.ArgumentParser, argv: list[str] | None, user_errors: tuple[type[Exception], ...]
+) -> int:
     """Run the chosen subcommand, which returns its exit status or None (0). A user error is one line on stderr
     and exit status 2; a RunFailure (disk full, a peer rank lost) one line and 1; a reader that closed the
     pipe (`... | head`) ends the command quietly, as the shell's own tools do."""

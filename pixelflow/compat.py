@@ -137,7 +137,10 @@ def convert_official(source: str | Path, destination: str | Path, force: bool = 
         raise ConversionError(f"{weights}: cannot be loaded safely ({str(exc).splitlines()[0]})") from None
     if isinstance(state, dict) and isinstance(state.get("ema"), dict):
         state = state["ema"]  # a training checkpoint of the reference: its EMA weights are the ones to keep
-    cfg = config_from_reference(OmegaConf.to_container(OmegaConf.load(config_file)), str(config_file))
+    reference = OmegaConf.to_container(OmegaConf.load(config_file))
+    if not isinstance(reference, dict):
+        raise ConversionError(f"{config_file}: not a mapping of keys")
+    cfg = config_from_reference(reference, str(config_file))
     destination = Path(destination)
     cfg.run_dir = str(destination)
     model_state = convert_state_dict(state, cfg, str(weights))
@@ -179,5 +182,7 @@ class OfficialAdapter:
             expected = rope_table(side, self.model.cfg.head_dim, pos_embed.device)
             if pos_embed.shape != expected.shape or not torch.allclose(pos_embed.float(), expected, atol=1e-5):
                 raise ValueError("pos_embed is not the standard 2D RoPE grid the reference pipeline builds")
-        timesteps = timestep.float().reshape(-1).expand(count) if timestep is not None else None
+        if timestep is None:
+            raise ValueError("the reference pipeline always passes a timestep")
+        timesteps = timestep.float().reshape(-1).expand(count)
         return self.model.forward_images(images, timesteps, class_labels, encoder_hidden_states, encoder_attention_mask)

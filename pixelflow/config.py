@@ -549,7 +549,8 @@ def first_problem(cfg: Config) -> Problem | None:
         return choice
     for item in fields(cfg):
         section = getattr(cfg, item.name)
-        found = section.problem() if is_dataclass(section) and hasattr(section, "problem") else None
+        check = getattr(section, "problem", None) if is_dataclass(section) else None
+        found = check() if check is not None else None
         if found is not None:
             return f"{item.name}.{found[0]}", found[1]
     return across_sections(cfg)

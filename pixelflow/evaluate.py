@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,8 +133,8 @@ def clear_drawn(out: Path) -> None:
 class Scoring:
     """What the scores asked for need, loaded and checked before any image is drawn."""
 
-    classifier: object | None = None
-    inception: object | None = None
+    classifier: Any = None  # quality.classifier.ShapeClassifier
+    inception: Any = None  # quality.inception.FIDInception
     reference: dict | None = None
 
     @staticmethod
@@ -149,6 +150,8 @@ class Scoring:
             from pixelflow.quality.inception import load_inception
             from pixelflow.quality.scores import read_reference
 
+            if not inception_weights:
+                raise ConfigError("--reference and --inception-weights: FID needs both (or neither)")
             scoring.reference = read_reference(reference)
             scoring.inception = load_inception(inception_weights, device)
         return scoring
@@ -233,7 +236,8 @@ def write_npz(out: Path, spec: EvalSpec) -> Path:
     arrays = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(spec.count)])
     labels = spec.labels()
     path = out / f"samples_{spec.count}.npz"
-    np.savez(path, arr_0=arrays, **({"labels": np.asarray(labels, dtype=np.int64)} if labels else {}))
+    extra = {"labels": np.asarray(labels, dtype=np.int64)} if labels else {}
+    np.savez(path, arr_0=arrays, **extra)  # pyright: ignore[reportArgumentType] (arrays by name, as the ADM layout)
     return path
 
 

@@ -130,7 +130,8 @@ def generate(
         ramp = cfg.sample.cfg_ramp or [1.0] * schedule.stages
         conditions, null = torch.arange(count, device=device), -1
 
-        def velocity(x: torch.Tensor, timesteps: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:  # pyright: ignore[reportRedeclaration] (one velocity per kind of condition)
+            assert index is not None  # text models always pass a condition (-1 is the negative prompt)
             text, mask = prompts.select(index, dtype)
             return model.forward_images(x.to(dtype), timesteps, None, text, mask)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from pixelflow.config import Config, ModelConfig, from_yaml, to_yaml
 from pixelflow.errors import CheckpointError
@@ -150,7 +151,7 @@ def check_parts(folder: Path, saved: dict, wanted: list[str]) -> None:
 def dcp_shapes(reader: dcp.FileSystemReader) -> dict[str, list[int]]:
     """The shape of every tensor a step folder holds, from its metadata (nothing loaded)."""
     metadata = reader.read_metadata().state_dict_metadata
-    return {key: list(meta.size) for key, meta in metadata.items() if hasattr(meta, "size")}
+    return {key: list(meta.size) for key, meta in metadata.items() if isinstance(meta, TensorStorageMetadata)}
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], saved: dict[str, list[int]], where: Path) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.engine import FsdpEngine
 from pixelflow.train.trainer import TrainProgress, train
 from pixelflow.weights import committed_checkpoints, read_weights, resolve_source
-from tests.conftest import REPO, tiny_config, tiny_overrides
+from tests.conftest import cli, tiny_config, tiny_overrides
 
 
 def losses(run_dir) -> list[float]:
@@ -30,10 +28,6 @@ def losses(run_dir) -> list[float]:
 
 def snapshot(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def pixelflow_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pixelflow", *args], capture_output=True, text=True, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def test_checkpoints_present_but_none_usable_is_one_error_line_and_nothing_is_to
         shard = folder / "__0_0.distcp"
         shard.write_bytes(shard.read_bytes()[:1000])
     before = snapshot(run_dir)
-    done = pixelflow_cli("train", "configs/demo.yaml", *tiny_overrides(run_dir, shapes_dataset, "train.steps=9"))
+    done = cli("pixelflow", "train", "configs/demo.yaml", *tiny_overrides(run_dir, shapes_dataset, "train.steps=9"))
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()[-1:]
     assert line.startswith("pixelflow: error: ") and "none usable" in line
@@ -64,7 +58,7 @@ def test_damaged_newest_is_skipped_with_a_warning_and_cannot_be_sampled(tmp_path
     damaged[len(damaged) // 2] ^= 0xFF  # same size: only the checksum can tell
     shard.write_bytes(bytes(damaged))
 
-    sampled = pixelflow_cli("sample", "--checkpoint", str(shard.parent), "--out", str(tmp_path / "x.png"))
+    sampled = cli("pixelflow", "sample", "--checkpoint", str(shard.parent), "--out", str(tmp_path / "x.png"))
     assert sampled.returncode == 2
     assert sampled.stderr.strip().splitlines() == [
         f"pixelflow: error: {shard}: checksum differs from the manifest (damaged)"
@@ -112,7 +106,7 @@ def test_export_samples_the_same_images_as_the_run_directory(tmp_path, shapes_da
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
     for which in ("ema", "model"):
         out = tmp_path / f"export-{which}"
-        done = pixelflow_cli("export", str(run_dir), str(out), "--weights", which)
+        done = cli("pixelflow", "export", str(run_dir), str(out), "--weights", which)
         assert done.returncode == 0, done.stderr
         assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]
         images = []
@@ -146,7 +140,7 @@ def test_resume_none_refuses_a_run_directory_that_has_checkpoints(tmp_path, shap
 
 def test_fine_tuning_from_an_export_starts_at_step_zero_with_its_weights(tmp_path, shapes_dataset):
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
-    pixelflow_cli("export", str(run_dir), str(tmp_path / "export"))
+    cli("pixelflow", "export", str(run_dir), str(tmp_path / "export"))
     tuned = train(tiny_config(tmp_path / "tuned", shapes_dataset, "train.steps=1", f"resume={tmp_path / 'export'}"))
     assert tuned.step == 1
     first = json.loads((tuned.run_dir / "metrics.jsonl").read_text().splitlines()[0])
@@ -185,7 +179,7 @@ def test_older_single_file_checkpoints_sample_and_fine_tune_but_do_not_resume(tm
     legacy = run_dir / "checkpoints" / "step_00000003.pt"
     assert load_for_sampling(legacy)[1].model.depth == 2  # sampling reads it as it is
 
-    refused = pixelflow_cli("train", "configs/demo.yaml", *tiny_overrides(run_dir, shapes_dataset, "train.steps=9"))
+    refused = cli("pixelflow", "train", "configs/demo.yaml", *tiny_overrides(run_dir, shapes_dataset, "train.steps=9"))
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"pixelflow: error: {legacy}: single-file checkpoint from an earlier version, which no longer resumes; "

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
@@ -13,7 +10,7 @@ from PIL import Image
 from pixelflow.compat import OfficialAdapter, convert_official
 from pixelflow.errors import ConversionError
 from pixelflow.model.embeddings import rope_table
-from tests.conftest import REPO
+from tests.conftest import cli
 from tests.reference_pixelflow import reference_forward, reference_pos_embed, reference_state_dict
 
 DEPTH, HEADS, HEAD_DIM, PATCH = 2, 2, 8, 4
@@ -129,30 +126,15 @@ def test_adapter_rejects_inputs_it_would_silently_misread(tmp_path):
 @pytest.mark.slow
 def test_cli_converts_and_samples_from_the_converted_checkpoint(tmp_path):
     write_reference(tmp_path / "ref")
-    run = [sys.executable, "-m", "pixelflow"]
-    done = subprocess.run(
-        run + ["convert-official", str(tmp_path / "ref"), str(tmp_path / "ours")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    done = cli("pixelflow", "convert-official", tmp_path / "ref", tmp_path / "ours")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "grid.png"
-    sampled = subprocess.run(
-        run
-        + ["sample", "--checkpoint", str(tmp_path / "ours"), "--out", str(out), "--classes", "1", "2", "--steps", "2"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    sampled = cli(
+        "pixelflow", "sample", "--checkpoint", tmp_path / "ours", "--out", out, "--classes", "1", "2", "--steps", "2"
     )
     assert sampled.returncode == 0, sampled.stderr
     assert Image.open(out).size == (2 * 34 + 2, 34 + 2)
-    failed = subprocess.run(
-        run + ["convert-official", str(tmp_path / "nowhere"), str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    failed = cli("pixelflow", "convert-official", tmp_path / "nowhere", tmp_path / "x")
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines() == [
         f"pixelflow: error: {tmp_path / 'nowhere'}: reference weights not found"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pixelflow.train.trainer import train
 from pixelflow.weights import committed_checkpoints, read_weights
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, cli, tiny_config
 
 
 def metrics(run_dir) -> list[dict]:
@@ -157,21 +157,14 @@ def test_wandb_run_is_written_into_the_run_directory(tmp_path, shapes_dataset, m
 def test_report_plots_one_or_several_runs(tmp_path, shapes_dataset):
     first = train(tiny_config(tmp_path / "first", shapes_dataset, "train.steps=3", "train.peak_tflops=10")).run_dir
     second = train(tiny_config(tmp_path / "second", shapes_dataset, "train.steps=3", "train.lr=1e-4")).run_dir
-    done = subprocess.run(
-        [sys.executable, "-m", "pixelflow", "report", str(first), str(second), "--out", str(tmp_path / "plots")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    done = cli("pixelflow", "report", first, second, "--out", tmp_path / "plots")
     assert done.returncode == 0, done.stderr[-2000:]
     written = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert written == sorted(
         ["loss.png", "loss_per_stage.png", "throughput.png", "mfu.png", "data_wait.png", "balance.png", "grad_norm.png"]
     )
     assert all(Image.open(tmp_path / "plots" / name).size == (700, 400) for name in written)
-    missing = subprocess.run(
-        [sys.executable, "-m", "pixelflow", "report", str(tmp_path)], capture_output=True, text=True, cwd=REPO
-    )
+    missing = cli("pixelflow", "report", tmp_path)
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
 
 

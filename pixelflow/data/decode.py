@@ -59,7 +59,7 @@ def decode_crop(
     if scale == 1.0:
         pixels = torch.from_numpy(array).permute(2, 0, 1)
     elif resize_filter == "lanczos":
-        resized = Image.fromarray(array).resize((size[1], size[0]), resample=Image.LANCZOS)
+        resized = Image.fromarray(array).resize((size[1], size[0]), resample=Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
     else:
         pixels = F.interpolate(

@@ -28,7 +28,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TypeVar
 
+import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -42,6 +44,7 @@ from pixelflow.data.storage import storage_options as storage_options_for
 from pixelflow.errors import ConfigError, ShardFormatError, StorageError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", int, np.ndarray)
 
 
 def lane_shards(num_shards: int, num_lanes: int, lane: int, seed: int, epoch: int) -> list[int]:
@@ -92,11 +95,12 @@ class LaneReader:
         self._index = lru_cache(maxsize=64)(self._load_index)
         self._embedding_index = lru_cache(maxsize=64)(self._load_embedding_index)
 
-    def _filesystem(self):
+    def _filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         """(filesystem, dataset path in it), made afresh in each process: s3fs instances are not fork-safe."""
         if self._fs_pid != os.getpid():
             self._fs, self._base = filesystem(self.settings.data.path, **self.settings.storage_options)
             self._fs_pid = os.getpid()
+        assert self._fs is not None
         return self._fs, self._base
 
     def _load_index(self, shard: int) -> list[SampleEntry]:
@@ -209,7 +213,7 @@ class LaneReader:
             for (_, i), payload in zip(entries[first:stop], payloads):
                 entry = index[i]
                 chunk = raw[entry.offset - head.offset : entry.offset - head.offset + entry.length]
-                members = parse_sample(chunk, f"{path} sample {entry.key}")
+                members = parse_sample(chunk, f"{path} sample {entry.key}")  # pyright: ignore[reportArgumentType] (cat_file of a byte range returns bytes)
                 if members.get("__key__") != entry.key.encode():
                     raise ShardFormatError(f"{path}: the member at entry {entry.key!r} belongs to another key")
                 if self.settings.text == "captions":
@@ -274,8 +278,8 @@ def slot_lanes(step: int, batch_size: int, num_lanes: int) -> np.ndarray:
     return ((step - 1) * batch_size + np.arange(batch_size, dtype=np.int64)) % num_lanes
 
 
-def lane_reader(lane: int, readers: int) -> int:
-    """The data rank that reads a lane (lanes are dealt round-robin)."""
+def lane_reader(lane: T, readers: int) -> T:
+    """The data rank that reads a lane, or each of an array of lanes (lanes are dealt round-robin)."""
     return lane % readers
 
 
@@ -449,6 +453,7 @@ class DataStream:
 
     def _next_piece(self) -> ReadShare:
         try:
+            assert self._iterator is not None  # only ranks with lanes read
             return next(self._iterator)
         except (ShardFormatError, StorageError, ConfigError) as exc:  # from a worker: its message, one line
             raise type(exc)(str(exc).strip().splitlines()[-1].split(f"{type(exc).__name__}: ", 1)[-1]) from None

@@ -117,7 +117,7 @@ class Manifest:
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str, retries: int = 5, retry_wait: float = 0.5) -> Manifest:
     where = f"{root}/{MANIFEST_NAME}"
     try:
-        text = with_retries(lambda: fs.cat_file(where), where, retries, retry_wait).decode()
+        text = with_retries(lambda: fs.cat_file(where), where, retries, retry_wait).decode()  # pyright: ignore[reportAttributeAccessIssue] (cat_file returns bytes)
     except (FileNotFoundError, NotADirectoryError):
         if fs.isfile(root):
             raise ShardFormatError(
@@ -186,7 +186,7 @@ def parse_sample(raw: bytes, where: str) -> dict[str, bytes]:
     """Members of one sample's tar bytes as {extension: data}; the key is checked against the index."""
     members = {}
     try:
-        for member in tar_file_iterator(io.BytesIO(raw)):
+        for member in tar_file_iterator(io.BytesIO(raw)):  # pyright: ignore[reportArgumentType] (webdataset reads any file object)
             key, _, extension = member["fname"].partition(".")
             members[extension] = member["data"]
             members.setdefault("__key__", key.encode())
@@ -204,7 +204,7 @@ class ShardWriter:
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, name: str):
         self.fs, self.root, self.name = fs, root, name
         self._file = fs.open(f"{root}/{name}", "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # pyright: ignore[reportCallIssue, reportArgumentType] (a binary fsspec file)
         self.entries: list[SampleEntry] = []
 
     def _add_member(self, member: str, data: bytes) -> None:
@@ -240,7 +240,7 @@ class ShardWriter:
         """Finish and upload the tar; the shard is not complete until `commit`."""
         self._tar.close()
         self._file.close()
-        self.info = ShardInfo(self.name, len(self.entries), self.fs.size(f"{self.root}/{self.name}"))
+        self.info = ShardInfo(self.name, len(self.entries), self.fs.size(f"{self.root}/{self.name}"))  # pyright: ignore[reportArgumentType] (a written file has a size)
         return self.info
 
     def commit(self) -> None:

@@ -114,7 +114,7 @@ class VarlenAttention(TokenRopeAttention):
 
 class FlashAttention(TokenRopeAttention):
     def attend(self, q, k, v, ctx):
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # pyright: ignore[reportMissingImports] (optional: CUDA only)
 
         longest = max(run.seqlen for run in ctx.layout.runs)
         return flash_attn_varlen_func(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, longest, longest)
@@ -141,8 +141,11 @@ class FlexAttention(TokenRopeAttention):
 
             n = q.shape[0]
             self._masks[key] = create_block_mask(same_sequence, None, None, n, n, device=q.device)
-        out = compiled_flex_attention()(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=self._masks[key]
+        out = compiled_flex_attention()(  # pyright: ignore[reportCallIssue] (flex_attention's overloads, one per return kind)
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            block_mask=self._masks[key],  # pyright: ignore[reportArgumentType] (the cached BlockMask)
         )
         return out[0].transpose(0, 1)
 
@@ -218,10 +221,12 @@ class SelfAttention(_Projections):
         the three layers', so checkpoints are the same either way)."""
         layers = (self.q_proj, self.k_proj, self.v_proj)
         if not self.fused_qkv:
-            return tuple(layer(x) for layer in layers)
+            q, k, v = (layer(x) for layer in layers)
+            return q, k, v
         weight = torch.cat([layer.weight for layer in layers])
         bias = torch.cat([layer.bias for layer in layers]) if self.q_proj.bias is not None else None
-        return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+        q, k, v = F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
         q, k, v = self.project_qkv(x)

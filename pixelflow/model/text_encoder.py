@@ -73,7 +73,7 @@ class TextEncoder:
         self.device, self.max_tokens = device, max_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = model.to(device).eval().requires_grad_(False)  # pyright: ignore[reportArgumentType] (transformers' stubs type .to as T5's own)
         self.dim = int(model.config.d_model)
         self.folder = folder
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -56,7 +56,7 @@ class TransformerBlock(nn.Module):
         per_token = expand_to_tokens(self.modulation(silu_cond), ctx.pieces)
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = per_token.chunk(6, dim=-1)
         x = x + gate_attn * self.attn(modulate(self.attn_norm(x), shift_attn, scale_attn), ctx)
-        if self.cross_attn is not None:
+        if self.cross_attn is not None and self.cross_norm is not None:  # text models have both
             x = x + self.cross_attn(self.cross_norm(x), ctx)
         return x + gate_mlp * self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))
 
@@ -106,7 +106,8 @@ class PixelFlowTransformer(nn.Module):
             nn.init.normal_(embedder.linear_2.weight, std=0.02)
         if self.class_embed is not None:
             nn.init.normal_(self.class_embed.weight, std=0.02)
-        for layer in [block.modulation for block in self.blocks] + [self.final.modulation, self.final.proj]:
+        layers: list[nn.Linear] = [block.modulation for block in self.blocks]  # type: ignore[misc]
+        for layer in [*layers, self.final.modulation, self.final.proj]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 

@@ -61,10 +61,12 @@ def apply_fused_qkv(model: nn.Module) -> None:
 def apply_tensor_parallel(model: nn.Module, world: World) -> None:
     from pixelflow.parallel.tensor_parallel import apply_tensor_parallel as swap_layers
 
-    model.tensor_parallel = swap_layers(model, world.tp_group, world.tp, world.tp_rank)
+    assert world.tp_group is not None
+    model.tensor_parallel = swap_layers(model, world.tp_group, world.tp, world.tp_rank)  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType] (the plan rides on the model)
 
 
 def apply_ulysses(model: nn.Module, world: World) -> None:
+    assert world.sp_group is not None
     for module in model.modules():
         if isinstance(module, SelfAttention):
             module.core = UlyssesAttention(module.core, world.sp_group, world.sp)

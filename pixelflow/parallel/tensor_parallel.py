@@ -23,6 +23,7 @@ because the model has no dropout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -171,7 +172,9 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, size: int,
             plan.split[f"{full}.weight"] = (0, 1)
         else:
             kind, chunks = LAYER_KINDS[name]
-            options = dict(config=config, init_method=lambda weight: None, bias=old.bias is not None, tp_group=group)
+            options: dict[str, Any] = dict(
+                config=config, init_method=lambda weight: None, bias=old.bias is not None, tp_group=group
+            )
             if kind == "row":
                 new = row(old.in_features, old.out_features, input_is_parallel=True, skip_bias_add=False, **options)
                 plan.split[f"{full}.weight"] = (1, 1)
@@ -190,7 +193,7 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, size: int,
                 param.copy_(plan.to_local(key, value) if key in plan.split else value)
         setattr(parent, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
 
-    for index, block in enumerate(model.blocks):
+    for index, block in enumerate(model.blocks):  # pyright: ignore[reportArgumentType] (a PixelFlowTransformer's ModuleList)
         if not isinstance(block, TransformerBlock):
             raise TypeError(f"blocks.{index}: tensor parallelism knows TransformerBlock, not {type(block)}")
         prefix = f"blocks.{index}."
@@ -254,7 +257,7 @@ class WholeTensors:
         return out
 
     def _whole(self, name: str, value: torch.Tensor, _) -> torch.Tensor:
-        local = value.full_tensor() if hasattr(value, "full_tensor") else value
+        local = value.full_tensor() if hasattr(value, "full_tensor") else value  # pyright: ignore[reportAttributeAccessIssue] (a DTensor's)
         return self.plan.to_whole(name, local)
 
     def _local(self, name: str, value: torch.Tensor, mine: torch.Tensor | None) -> torch.Tensor:
@@ -279,8 +282,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, plan: TensorParallelPlan) 
     def square_norm(params: list[nn.Parameter]) -> torch.Tensor:
         if not params:
             return torch.zeros((), device=next(model.parameters()).device)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2  # pyright: ignore[reportAttributeAccessIssue] (a DTensor's)
 
     split_square = square_norm(split)
     dist.all_reduce(split_square, group=plan.group)

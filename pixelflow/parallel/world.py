@@ -51,7 +51,7 @@ class World:
     def group(self) -> dist.ProcessGroup:
         """A new gloo group of every rank (for a thread of its own, e.g. background saves) with the world's
         timeout (collective: every rank makes the same groups in the same order)."""
-        return dist.new_group(backend="gloo", timeout=self.timeout)
+        return gloo_group(self.timeout)
 
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for in a world of one)."""
@@ -85,7 +85,7 @@ class World:
 
     @property
     def dp_rank(self) -> int:
-        return self.dp_mesh.get_local_rank() if self.mesh is not None else 0
+        return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
 
     @property
     def sp_rank(self) -> int:
@@ -181,8 +181,15 @@ def join_world(
             device_id=device if backend == "nccl" else None,
         )
     mesh, views = build_mesh(device.type, *layout)
-    control = dist.new_group(backend="gloo", timeout=timeout)
+    control = gloo_group(timeout)
     return World(rank, size, device, mesh, views, *layout, control=control, timeout=timeout)
+
+
+def gloo_group(timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A new gloo group of every rank (collective)."""
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    assert isinstance(group, dist.ProcessGroup)  # every rank is a member
+    return group
 
 
 def from_main(world: World, action: Callable[[], T]) -> T:

@@ -182,6 +182,7 @@ def random_inception(seed: int = 0) -> FIDInception:
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
         elif isinstance(module, nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None  # tracked statistics
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     return model

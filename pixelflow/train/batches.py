@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,8 @@ from pixelflow.data.text_store import embeddings_location
 from pixelflow.parallel.world import World
 from pixelflow.train.signals import signal_numbers
 from pixelflow.train.text_conditioning import TextConditioner, UnitText
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,7 +45,8 @@ class Batches:
         self.conditioner = TextConditioner(cfg, world) if cfg.model.text_dim else None
         self.stream = open_stream(cfg, world, state, first_step)
         self.settings = plan_settings(cfg, world.dp_size)
-        self.group = world.dp_mesh.get_group() if world.distributed and world.dp_size > 1 else None
+        dp_mesh = world.dp_mesh
+        self.group = dp_mesh.get_group() if dp_mesh is not None and world.dp_size > 1 else None
 
     def __iter__(self) -> Batches:
         return self
@@ -70,11 +74,11 @@ class Batches:
         self.stream.close()
 
 
-def gather(world: World, value):
+def gather(world: World, value: T) -> list[T]:
     """Every rank's value, in rank order (collective)."""
     if not world.distributed:
         return [value]
-    out = [None] * world.size
+    out: list = [None] * world.size
     dist.all_gather_object(out, value, group=world.control)
     return out
 

@@ -182,8 +182,9 @@ class Checkpointer:
             if failed:
                 raise RunFailure("rank 0 could not start the save (its log says why)")
             for part in parts.values():
-                if hasattr(part, "save_files"):
-                    part.save_files(temporary)
+                save_files = getattr(part, "save_files", None)  # parts with files beside the tensors
+                if save_files is not None:
+                    save_files(temporary)
             if self.stager is not None and not blocking:
                 self._saving = step
                 staged = self.stager.stage(tensors)
@@ -337,8 +338,9 @@ class Checkpointer:
             raise CheckpointError(f"{source.path}: cannot be read ({describe(exc)})") from None
         for name, part in parts.items():
             part.load_state_dict(join_tensors(saved[name], tensors, name))
-            if hasattr(part, "load_files"):
-                part.load_files(source.path)
+            load_files = getattr(part, "load_files", None)
+            if load_files is not None:
+                load_files(source.path)
 
 
 # ------------------------------------------------------------------- weights for sampling and fine-tuning

@@ -30,7 +30,7 @@ class PartitionEMA:
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
-        self.named = list(module.named_parameters())
+        self.named: list[tuple[str, Any]] = list(module.named_parameters())  # ZeRO-3 parameters: ds_* attributes
         self.params = [p.ds_tensor.detach().float().clone() for _, p in self.named]
 
     @torch.no_grad()
@@ -97,10 +97,15 @@ class DeepSpeedEngine:
             "wall_clock_breakdown": False,
         }
         self.engine, _, _, self.lr_schedule = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=lr_schedule, config=config, dist_init_required=False
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_schedule,  # pyright: ignore[reportArgumentType] (any torch LRScheduler steps)
+            config=config,
+            dist_init_required=False,
         )
+        self.module: torch.nn.Module = self.engine.module  # pyright: ignore[reportAttributeAccessIssue]
         self.model = InputsAs(self.engine, torch.bfloat16) if world.device.type == "cuda" else self.engine
-        self.ema = PartitionEMA(self.engine.module, cfg.train.ema_decay)
+        self.ema = PartitionEMA(self.module, cfg.train.ema_decay)
         self.last_lr = self._next_lr = self.lr_schedule.get_last_lr()[0]
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -123,7 +128,7 @@ class DeepSpeedEngine:
         return self.ema.state_dict()
 
     def checkpoint_parts(self) -> dict[str, Any]:
-        return {"model": GatheredModel(self.engine.module), "ema": self.ema, "deepspeed": NativeState(self)}
+        return {"model": GatheredModel(self.module), "ema": self.ema, "deepspeed": NativeState(self)}
 
 
 class GatheredModel:

@@ -33,8 +33,12 @@ log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
-    model: torch.nn.Module
-    last_lr: float
+    @property
+    def model(self) -> torch.nn.Module: ...  # the module a step calls (read-only: each engine has its own kind)
+
+    @property
+    def last_lr(self) -> float: ...  # the learning rate of the last step
+
     steps_in_backward: bool  # the optimizer steps inside the last backward (DeepSpeed): no step can be skipped
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -69,7 +73,7 @@ class FsdpEngine:
         fused = world.device.type == "cuda" and not world.distributed
         self.optimizer, self.lr_schedule = build_optimizer(self.model, cfg.train, fused=fused)
         self.ema = EMA(self.model, cfg.train.ema_decay)
-        self.last_lr = self.lr_schedule.get_last_lr()[0]
+        self.last_lr = float(self.lr_schedule.get_last_lr()[0])
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
@@ -87,7 +91,7 @@ class FsdpEngine:
         if not skip_nonfinite or torch.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.last_lr = self.lr_schedule.get_last_lr()[0]
+        self.last_lr = float(self.lr_schedule.get_last_lr()[0])
         self.lr_schedule.step()
         self.ema.update(self.model)
         return norm

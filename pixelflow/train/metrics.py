@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ class MetricsLogger:
             project=cfg.project,
             name=cfg.name,
             dir=str(run_dir),
-            mode=mode,
+            mode=mode,  # pyright: ignore[reportArgumentType] (one of WandbConfig.CHOICES)
             config=config,
             resume="allow",
             id=_wandb_run_id(run_dir),
@@ -105,7 +106,7 @@ class SampleKeyLog:
     def __init__(self, run_dir: Path, dp_rank: int, start_step: int):
         self._file = open_at_step(run_dir / "sample_keys" / f"dp_rank_{dp_rank:05d}.jsonl", start_step)
 
-    def log(self, step: int, keys: list[str]) -> None:
+    def log(self, step: int, keys: Sequence[str]) -> None:
         self._file.write(json.dumps({"step": step, "keys": keys}) + "\n")
         self._file.flush()
 

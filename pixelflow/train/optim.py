@@ -18,7 +18,7 @@ def build_optimizer(
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
-        betas=tuple(cfg.betas),
+        betas=(cfg.betas[0], cfg.betas[1]),
         weight_decay=cfg.weight_decay,
         foreach=None if fused else True,
         fused=True if fused else None,

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,7 @@ class StopSignals:
     def __init__(self, names: list[str], world: World):
         self.world, self.names = world, names
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # what signal.signal returned: a handler, an int or None
         self._flag = torch.zeros(2, dtype=torch.int32)
 
     def __enter__(self) -> StopSignals:

@@ -93,7 +93,7 @@ class TextConditioner:
             empty = read_embeddings_info(cfg)
             self.empty = torch.from_numpy(empty.astype(np.float32))[None].to(world.device)
             self.empty_mask = torch.ones(self.empty.shape[:2], dtype=torch.int64, device=world.device)
-            self.dim = cfg.model.text_dim
+            self.dim = cfg.model.text_dim or 0
 
     def unit(self, payloads: list[bytes]) -> UnitText:
         """The text of a unit's samples from what travelled with them (every rank calls this once a step:

@@ -55,6 +55,7 @@ def prepare_run_dir(cfg: Config, world: World, lock: RunLock | None, plan: Start
     run_dir = Path(cfg.run_dir)
 
     def prepare() -> None:
+        assert lock is not None  # run on rank 0, which holds the lock
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file in the way, read-only, not creatable
@@ -76,8 +77,9 @@ def prepare_run_dir(cfg: Config, world: World, lock: RunLock | None, plan: Start
     return run_dir
 
 
-def start_checks(cfg: Config, lock: RunLock) -> StartPlan:
+def start_checks(cfg: Config, lock: RunLock | None) -> StartPlan:
     """Rank 0's checks before anything is built: the lock of an existing run directory, then preflight."""
+    assert lock is not None  # rank 0 holds the lock
     if Path(cfg.run_dir).is_dir():
         lock.acquire()
     return preflight(cfg, lock)
@@ -181,7 +183,7 @@ def _train(cfg: Config, world: World) -> RunResult:
                 progress.step,
             )
         if plan.origin is not None:  # where this lineage started, when it is a folder of this run: never pruned
-            checkpointer.protected = {Path(plan.origin), *([plan.source.path] if plan.branches else [])}
+            checkpointer.protected = {Path(plan.origin), *([plan.source.path] if plan.branches and plan.source else [])}
         progress.origin = plan.origin  # this lineage's, whatever the loaded state's own was
         if plan.continued:
             log.info("resume=%s started this run: continuing from its own checkpoints", cfg.resume)
