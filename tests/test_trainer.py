@@ -192,7 +192,7 @@ def test_the_step_refuses_inputs_on_another_device(tmp_path, shapes_dataset):
     from pixelflow.data.planner import plan_settings, plan_step
     from pixelflow.parallel.world import World
     from pixelflow.train.batches import UnitBatch
-    from pixelflow.train.engine import build_engine
+    from pixelflow.train.engines import build_engine
     from pixelflow.train.step import StepRunner
 
     cfg = tiny_config(tmp_path, shapes_dataset)

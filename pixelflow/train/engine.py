@@ -137,20 +137,3 @@ class OptimizerPart:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state)
-
-
-def checkpoint_part_names(engine: str) -> list[str]:
-    """The parts a training checkpoint of this engine holds (the trainer adds its progress, `train`)."""
-    if engine == "deepspeed":
-        from pixelflow.train.deepspeed_engine import DeepSpeedEngine
-
-        return [*DeepSpeedEngine.PARTS, "train"]
-    return [*FsdpEngine.PARTS, "train"]
-
-
-def build_engine(cfg: Config, world: World) -> Engine:
-    if cfg.engine == "deepspeed":
-        from pixelflow.train.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, world)
-    return FsdpEngine(cfg, world)

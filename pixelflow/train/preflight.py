@@ -19,7 +19,7 @@ from pixelflow.config import Config
 from pixelflow.data.loader import open_dataset
 from pixelflow.data.storage import storage_options
 from pixelflow.errors import ConfigError
-from pixelflow.train.engine import checkpoint_part_names
+from pixelflow.train.engines import checkpoint_part_names
 from pixelflow.train.run_directory import RunLock, StartPlan, config_changes, plan_start
 from pixelflow.train.text_conditioning import check_text_source
 from pixelflow.weights import check_parts, check_weights_fit, read_state

@@ -20,7 +20,7 @@ from pixelflow.errors import EXIT_FINISHED, EXIT_STOPPED, ConfigError, NonFinite
 from pixelflow.parallel.world import World, from_main, init_world, shutdown
 from pixelflow.train.batches import Batches
 from pixelflow.train.checkpoint import Checkpointer
-from pixelflow.train.engine import build_engine
+from pixelflow.train.engines import build_engine
 from pixelflow.train.metrics import LossWindow, MetricsLogger, SampleKeyLog
 from pixelflow.train.preflight import preflight
 from pixelflow.train.run_directory import RunLock, StartPlan, archive_lineage
