@@ -154,10 +154,10 @@ def test_an_out_path_that_is_a_directory_is_refused(tmp_path, capsys):
 def test_an_unreachable_store_fails_in_one_line_after_the_configured_retries(tmp_path):
     port = free_port()  # nothing listens there
     overrides = tiny_overrides(tmp_path / "run", "s3://bucket/data", "data.retries=2", "data.retry_wait=0")
-    command = [sys.executable, "-m", "pixelflow", "train", "configs/demo.yaml", *overrides]
+    command = ["pixelflow", "train", "configs/demo.yaml", *overrides]
     command += ["--endpoint-url", f"http://127.0.0.1:{port}"]
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    done = cli(*command, env=env, timeout=300)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("pixelflow: error: bucket/data/manifest.json: failed after 2 attempts: ")
@@ -166,14 +166,14 @@ def test_an_unreachable_store_fails_in_one_line_after_the_configured_retries(tmp
 
 def test_missing_credentials_fail_at_once_without_retries(tmp_path, s3_endpoint):
     overrides = tiny_overrides(tmp_path / "run", "s3://pixelflow-test/none", "data.retries=5", "data.retry_wait=5")
-    command = [sys.executable, "-m", "pixelflow", "train", "configs/demo.yaml", *overrides]
+    command = ["pixelflow", "train", "configs/demo.yaml", *overrides]
     command += ["--endpoint-url", s3_endpoint.endpoint]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
         HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none")
     )
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    done = cli(*command, env=env, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert (
         done.stderr.strip()
@@ -223,10 +223,10 @@ def test_an_error_during_the_run_blanks_out_values_from_the_environment_and_only
 def test_a_password_in_the_endpoint_url_is_redacted_wherever_written_or_printed(tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, "s3://bucket/data", "data.retries=1")
-    command = [sys.executable, "-m", "pixelflow", "train", "configs/demo.yaml", *overrides]
+    command = ["pixelflow", "train", "configs/demo.yaml", *overrides]
     command += ["data.endpoint_url=http://alice:s3cr3tpass@127.0.0.1:1"]
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    done = cli(*command, env=env, timeout=300)
     assert done.returncode == 2 and "s3cr3tpass" not in done.stdout + done.stderr
     from pixelflow.config import to_yaml
 
@@ -418,9 +418,9 @@ def test_fifos_devices_and_folders_named_like_images_are_skipped_without_reading
     (folder / "folder.jpg").mkdir()
     (folder / "zero.jpg").symlink_to("/dev/zero")  # reading it never ends
     save(folder / "big.jpg", photo(2, size=(300, 300)))
-    command = [sys.executable, "-m", "data_tools", "ingest", str(tmp_path / "folder"), str(tmp_path / "out")]
+    command = ["data_tools", "ingest", str(tmp_path / "folder"), str(tmp_path / "out")]
     command += ["--min-size", "16", "--max-file-mb", "0.01", "--allow-outside-root", "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = cli(*command, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["written"] == 1 and report["skipped"] == {"not_a_file": 3, "too_large_file": 1}

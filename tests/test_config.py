@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 
 from pixelflow.config import load_config
 from pixelflow.errors import ConfigError
 from pixelflow.parallel.world import layout_for
-from tests.conftest import REPO
+from tests.conftest import REPO, cli
 
 
 def write(tmp_path, text: str):
@@ -81,9 +79,7 @@ def test_missing_file_is_named(tmp_path):
 
 def test_cli_reports_one_line_and_exit_code_2(tmp_path):
     path = write(tmp_path, BASE.replace("steps: 3", "steps: 3, stpes: 3"))
-    result = subprocess.run(
-        [sys.executable, "-m", "pixelflow", "train", str(path)], capture_output=True, text=True, cwd=REPO
-    )
+    result = cli("pixelflow", "train", path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"pixelflow: error: {path}: unknown key 'train.stpes'"]
 

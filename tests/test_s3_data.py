@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -22,7 +20,7 @@ from pixelflow.data.loader import DataStream, LaneReader, ReadSettings, merge_st
 from pixelflow.data.shard_format import read_index, read_manifest
 from pixelflow.data.storage import filesystem
 from pixelflow.errors import StorageError
-from tests.conftest import REPO
+from tests.conftest import cli
 from tests.s3 import FaultyProxy
 
 BUCKET = "s3://pixelflow-test"
@@ -132,8 +130,6 @@ def test_ingest_tables(tmp_path, s3_endpoint, suffix):
     output = f"{BUCKET}/table-{suffix}"
     report_file = tmp_path / "report.json"
     command = [
-        sys.executable,
-        "-m",
         "data_tools",
         "ingest",
         str(table),
@@ -146,7 +142,7 @@ def test_ingest_tables(tmp_path, s3_endpoint, suffix):
         "16",
         "--quiet",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    done = cli(*command)
     assert done.returncode == 0, done.stderr
     report = json.loads(report_file.read_text())
     assert report["inputs"] == 8 and report["written"] == 5
@@ -272,8 +268,6 @@ def test_lane_reader_reads_each_lane_epoch_from_s3(s3_endpoint, s3_shapes):
 
 def test_demo_trains_from_s3(tmp_path, s3_endpoint, s3_shapes):
     command = [
-        sys.executable,
-        "-m",
         "pixelflow",
         "train",
         "configs/demo.yaml",
@@ -286,7 +280,7 @@ def test_demo_trains_from_s3(tmp_path, s3_endpoint, s3_shapes):
         "--endpoint-url",
         s3_endpoint.endpoint,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    done = cli(*command)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "manifest.json").exists()
     assert "testing" not in done.stdout + done.stderr  # credentials never logged
@@ -299,11 +293,6 @@ def test_ingest_cli_reports_an_unusable_input_in_one_line(tmp_path):
         (tmp_path / "nowhere", "input not found"),
         (tmp_path / "loose", "neither class folders nor images with .txt captions; give --kind"),
     ]:
-        done = subprocess.run(
-            [sys.executable, "-m", "data_tools", "ingest", str(source), str(tmp_path / "out")],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
+        done = cli("data_tools", "ingest", source, tmp_path / "out")
         assert done.returncode == 2
         assert done.stderr.strip().splitlines() == [f"pixelflow-data: error: {source}: {message}"]

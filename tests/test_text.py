@@ -4,8 +4,6 @@ caption dropout, text-to-image training on one process and distributed, and prom
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from pixelflow.model.text_encoder import TextEncoder
 from pixelflow.train.text_conditioning import UnitText
 from pixelflow.train.trainer import train
 from pixelflow.weights import read_weights
-from tests.conftest import REPO, run_ranks, tiny_config, tiny_overrides
+from tests.conftest import cli, run_ranks, tiny_config, tiny_overrides
 
 TEXT_DIM = 16
 
@@ -165,8 +163,6 @@ def test_a_missing_encoder_is_one_error_line_and_touches_nothing(tmp_path, shape
         train(t2i(tmp_path / "run", shapes_dataset, str(tmp_path / "nowhere")))
     assert not (tmp_path / "run").exists()
     command = [
-        sys.executable,
-        "-m",
         "pixelflow",
         "train",
         "configs/demo_t2i.yaml",
@@ -174,7 +170,7 @@ def test_a_missing_encoder_is_one_error_line_and_touches_nothing(tmp_path, shape
         f"data.path={shapes_dataset}",
         "text.encoder=/no/such/t5",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    done = cli(*command)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         "pixelflow: error: text.encoder: /no/such/t5: no such directory (nothing is downloaded; give a local copy)"
@@ -220,8 +216,6 @@ def test_prompt_sampling_from_a_trained_run_and_a_converted_official_checkpoint(
     for checkpoint in (run_dir, tmp_path / "converted"):
         out = tmp_path / f"{checkpoint.name}.png"
         command = [
-            sys.executable,
-            "-m",
             "pixelflow",
             "sample",
             "--checkpoint",
@@ -241,27 +235,20 @@ def test_prompt_sampling_from_a_trained_run_and_a_converted_official_checkpoint(
             "--per-class",
             "2",
         ]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        done = cli(*command)
         assert done.returncode == 0, done.stderr[-3000:]
         from PIL import Image
 
         assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 prompts x 2 images of 32 px, 2 px gutters
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pixelflow",
-            "sample",
-            "--checkpoint",
-            str(run_dir),
-            "--out",
-            str(tmp_path / "x.png"),
-            "--text-encoder",
-            text_encoder_dir,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    done = cli(
+        "pixelflow",
+        "sample",
+        "--checkpoint",
+        str(run_dir),
+        "--out",
+        str(tmp_path / "x.png"),
+        "--text-encoder",
+        text_encoder_dir,
     )
     assert done.returncode == 2 and "needs --prompt" in done.stderr
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from PIL import Image
 
 from pixelflow.train.trainer import train
 from pixelflow.weights import committed_checkpoints, read_weights
-from tests.conftest import REPO, cli, tiny_config
+from tests.conftest import cli, tiny_config
 
 
 def metrics(run_dir) -> list[dict]:
@@ -102,8 +100,6 @@ def test_sample_command_writes_a_grid_from_a_checkpoint(tmp_path, shapes_dataset
     run_dir = train(tiny_config(tmp_path / "run", shapes_dataset, "train.steps=3")).run_dir
     out = tmp_path / "grid.png"
     command = [
-        sys.executable,
-        "-m",
         "pixelflow",
         "sample",
         "--checkpoint",
@@ -121,16 +117,14 @@ def test_sample_command_writes_a_grid_from_a_checkpoint(tmp_path, shapes_dataset
         "--cfg",
         "2.0",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    result = cli(*command)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns x 2 rows of 32 px, 2 px gutters
 
-    bad = subprocess.run(command[:-8] + ["--classes", "99"], capture_output=True, text=True, cwd=REPO)
+    bad = cli(*command[:-8] + ["--classes", "99"])
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["pixelflow: error: --classes: [99] outside 0..15 for this checkpoint"]
-    missing = subprocess.run(
-        command[:5] + [str(tmp_path / "nothing"), "--out", str(out)], capture_output=True, text=True, cwd=REPO
-    )
+    missing = cli(*command[:3], tmp_path / "nothing", "--out", out)
     assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
 
 
