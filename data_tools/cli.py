@@ -141,6 +141,55 @@ def _ingest(args: argparse.Namespace) -> None:
     run_ingest(args)
 
 
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    from data_tools.index import IndexOptions
+
+    parser.add_argument("source", help="folder of tars (local or s3://), a brace pattern, or a list file")
+    parser.add_argument("--meta", help="write the indexes and manifest here instead of beside the tars")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials: the AWS environment)")
+    parser.add_argument("--caption-field", help="captions from this field of each .json (default: .txt)")
+    parser.add_argument("--label-field", help="labels from this field of each .json (default: .cls)")
+    parser.add_argument("--num-classes", type=int, help="class count (default: 1 + the largest label)")
+    parser.add_argument("--min-size", type=int, default=IndexOptions.min_size, help="skip shorter sides below this")
+    parser.add_argument("--max-aspect", type=float, default=IndexOptions.max_aspect, help="0 = no limit")
+    parser.add_argument("--where", action="append", default=[], help="keep samples whose json says e.g. punsafe<0.5")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--report", help="also write the report JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_index(args: argparse.Namespace, part: tuple[int, int] | None = None):
+    """Index as the parsed arguments say (every n-th tar with part); the report is printed."""
+    from data_tools.index import IndexOptions, index_dataset
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConfigError(f"--num-classes {args.num_classes}: must be at least 1")
+    options = IndexOptions(
+        caption_field=args.caption_field,
+        label_field=args.label_field,
+        num_classes=args.num_classes,
+        min_size=args.min_size,
+        max_aspect=args.max_aspect,
+        where=tuple(args.where),
+    )
+    report = index_dataset(
+        args.source,
+        args.meta,
+        options,
+        workers=args.workers,
+        storage_options=storage_options(args.meta or args.source, args.endpoint_url),
+        progress=not args.quiet,
+        part=part,
+    )
+    text = json.dumps(asdict(report), indent=1)
+    if args.report and part is None:
+        Path(args.report).write_text(text + "\n")
+    print(text)
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pixelflow-data", description="Prepare datasets in the pixelflow shard format."
@@ -155,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_ingest_arguments(ingest_cmd)
     ingest_cmd.set_defaults(func=_ingest)
+
+    index_cmd = commands.add_parser(
+        "index",
+        help="adopt existing webdataset tars (img2dataset, ShardWriter) in place: indexes + manifest",
+        description="Index webdataset tars where they are (nothing copied, the tars untouched) and write the "
+        "manifest beside them or under --meta. Rerunning re-indexes only changed tars.",
+    )
+    add_index_arguments(index_cmd)
+    index_cmd.set_defaults(func=run_index)
 
     synth = commands.add_parser(
         "synth",

@@ -457,6 +457,9 @@ def ingest(
     report.seconds = round(time.perf_counter() - started, 3)
     if part is not None:
         return report
+    if not report.written:  # an empty dataset is never a success
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())) or "no inputs"
+        raise IngestError(f"{source}: nothing written: {report.inputs} inputs, none usable ({reasons})")
     num_classes = len(classes) if classes else (max_label + 1 if max_label is not None else None)
     extra = {"classes": classes} if classes else {}
     manifest = Manifest([infos[n] for n in sorted(infos)], num_classes=num_classes, extra=extra)

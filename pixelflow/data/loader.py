@@ -20,6 +20,7 @@ storage errors, while the block before it is being decoded.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -92,6 +93,7 @@ class LaneReader:
     def __init__(self, settings: ReadSettings, lane: int):
         self.settings, self.lane = settings, lane
         self._fs, self._base, self._fs_pid = None, "", -1
+        self._tars: tuple[fsspec.AbstractFileSystem, str] | None = None
         self._index = lru_cache(maxsize=64)(self._load_index)
         self._embedding_index = lru_cache(maxsize=64)(self._load_embedding_index)
 
@@ -99,9 +101,27 @@ class LaneReader:
         """(filesystem, dataset path in it), made afresh in each process: s3fs instances are not fork-safe."""
         if self._fs_pid != os.getpid():
             self._fs, self._base = filesystem(self.settings.data.path, **self.settings.storage_options)
+            self._tars = self._tar_filesystem()
             self._fs_pid = os.getpid()
         assert self._fs is not None
         return self._fs, self._base
+
+    def _tar_filesystem(self) -> tuple[fsspec.AbstractFileSystem, str] | None:
+        """(filesystem, folder) of adopted tars that live elsewhere than the dataset (manifest `location`)."""
+        location = self.settings.manifest.location
+        if not location:
+            return None
+
+        def protocol(path: str) -> str:
+            return path.split("://")[0] if "://" in path else "file"
+
+        same_kind = protocol(location) == protocol(self.settings.data.path)
+        options = (
+            self.settings.storage_options
+            if same_kind
+            else storage_options_for(location, self.settings.data.endpoint_url)
+        )
+        return filesystem(location, **options)
 
     def _load_index(self, shard: int) -> list[SampleEntry]:
         fs, base = self._filesystem()
@@ -183,6 +203,8 @@ class LaneReader:
     def _fetch(self, block: Block) -> list[tuple[SampleEntry, dict[str, bytes], bytes]]:
         """The block's samples (in file order) with one retried ranged read per shard they come from."""
         fs, base = self._filesystem()
+        if self._tars is not None:  # adopted tars elsewhere: the indexes stay beside the manifest
+            fs, base = self._tars
         out, first = [], 0
         entries = block.entries
         while first < len(entries):
@@ -217,7 +239,7 @@ class LaneReader:
                 if members.get("__key__") != entry.key.encode():
                     raise ShardFormatError(f"{path}: the member at entry {entry.key!r} belongs to another key")
                 if self.settings.text == "captions":
-                    payload = members.get("txt", b"")
+                    payload = caption_bytes(members, self.settings.manifest.caption_field)
                 out.append((entry, members, payload))
             first = stop
         return out
@@ -276,6 +298,17 @@ def slot_lanes(step: int, batch_size: int, num_lanes: int) -> np.ndarray:
     lane (that index mod lanes), which gives its next decodable sample. A function of (step, batch, lanes)
     only, so the global batch is the same on any layout and any number of workers."""
     return ((step - 1) * batch_size + np.arange(batch_size, dtype=np.int64)) % num_lanes
+
+
+def caption_bytes(members: dict[str, bytes], field: str | None) -> bytes:
+    """A sample's caption: its .txt member, or `field` of its .json (adopted tars; missing: empty)."""
+    if field is None:
+        return members.get("txt", b"")
+    try:
+        value = json.loads(members.get("json", b"{}")).get(field)
+    except (ValueError, AttributeError):
+        value = None
+    return str(value).encode() if value is not None else b""
 
 
 def lane_reader(lane: T, readers: int) -> T:

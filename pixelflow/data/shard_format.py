@@ -7,6 +7,12 @@ A dataset is a directory (local or s3://bucket/prefix) holding:
   image size and label. A shard is complete only once its index exists (written after the tar);
 - `manifest.json`: the shard list with counts and the format version. Readers start from it and never list
   the bucket.
+
+A dataset can also *adopt* webdataset tars written elsewhere (`pixelflow-data index`: img2dataset output,
+`webdataset.ShardWriter` tars) without copying them: the indexes and the manifest are written beside the
+tars or in another place, and the manifest's `location` says where the tars are. Keys then follow
+webdataset's rule (the member path up to the first dot of its file name, folders included), and a caption
+may come from a field of the sample's `.json` (`caption_field`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pixelflow.errors import ShardFormatError
 FORMAT_NAME = "pixelflow-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-]*$")
 _SHARD_PATTERN = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.tar$")
 
@@ -38,6 +44,22 @@ def shard_name(number: int) -> str:
 
 def index_name(shard: str) -> str:
     return shard[: -len(".tar")] + ".index.json"
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a tar member, by webdataset's rule: the path up to the first dot of the
+    file name, folders included (`train/000001.seg.png` -> (`train/000001`, `seg.png`))."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension
+
+
+def readable_key(key: object) -> bool:
+    """A key an index may hold: ours (letters, digits, '_', '-'), or an adopted tar's member path, which is
+    only ever compared, never opened (no absolute path, no '..', no NUL)."""
+    if not isinstance(key, str) or not key or "\x00" in key or key.startswith("/"):
+        return False
+    return ".." not in key.split("/")
 
 
 def check_key(key: str) -> str:
@@ -70,6 +92,8 @@ class Manifest:
     shards: list[ShardInfo]
     num_classes: int | None = None
     extra: dict = field(default_factory=dict)
+    location: str | None = None  # where the tars are (adopted tars); None = beside the manifest
+    caption_field: str | None = None  # captions from this field of each sample's .json instead of its .txt
 
     @property
     def num_samples(self) -> int:
@@ -83,6 +107,8 @@ class Manifest:
                 "num_samples": self.num_samples,
                 "num_classes": self.num_classes,
                 "shards": [asdict(s) for s in self.shards],
+                **({"location": self.location} if self.location else {}),
+                **({"caption_field": self.caption_field} if self.caption_field else {}),
                 **self.extra,
             },
             indent=1,
@@ -104,6 +130,11 @@ class Manifest:
             for shard in shards:  # plain names in the dataset folder: a manifest cannot point elsewhere
                 if not _SHARD_PATTERN.match(shard.name) or shard.count < 0 or shard.bytes < 0:
                     raise ShardFormatError(f"{where}: shard entry {shard.name!r} is not a shard of this dataset")
+            location, caption_field = raw.get("location"), raw.get("caption_field")
+            if location is not None and (not isinstance(location, str) or not location):
+                raise ShardFormatError(f"{where}: location = {location!r} is not a folder of tars")
+            if caption_field is not None and (not isinstance(caption_field, str) or not caption_field):
+                raise ShardFormatError(f"{where}: caption_field = {caption_field!r} is not a field name")
             num_classes = raw.get("num_classes")
             if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
                 raise ShardFormatError(f"{where}: num_classes = {num_classes!r} is not a class count")
@@ -111,7 +142,7 @@ class Manifest:
             if isinstance(exc, ShardFormatError):
                 raise
             raise ShardFormatError(f"{where}: malformed manifest ({exc})") from None
-        return Manifest(shards=shards, num_classes=raw.get("num_classes"))
+        return Manifest(shards, raw.get("num_classes"), location=location, caption_field=caption_field)
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str, retries: int = 5, retry_wait: float = 0.5) -> Manifest:
@@ -157,7 +188,7 @@ def check_entries(entries: list[SampleEntry], shard_bytes, where: str) -> None:
     end = 0
     for entry in entries:
         fields_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (entry.offset, entry.length))
-        if not fields_ok or not isinstance(entry.key, str) or not _KEY_PATTERN.match(entry.key):
+        if not fields_ok or not readable_key(entry.key):
             raise ShardFormatError(f"{where}: entry {entry.key!r} is malformed")
         if entry.offset < 0:
             raise ShardFormatError(f"{where}: entry {entry.key!r} has a negative offset")
@@ -187,7 +218,7 @@ def parse_sample(raw: bytes, where: str) -> dict[str, bytes]:
     members = {}
     try:
         for member in tar_file_iterator(io.BytesIO(raw)):  # pyright: ignore[reportArgumentType] (webdataset reads any file object)
-            key, _, extension = member["fname"].partition(".")
+            key, extension = member_key(member["fname"])
             members[extension] = member["data"]
             members.setdefault("__key__", key.encode())
     except (tarfile.TarError, OSError, ValueError) as exc:
