@@ -196,7 +196,8 @@ def scan_tar(job: TarJob, verify_all: bool) -> tuple[list[SampleEntry] | None, C
         if sample is None:
             return True
         inputs += 1
-        entry, problem = judge(sample, job.options, verify_all or inputs % job.options.verify_every == 1)
+        verify = None if verify_all else inputs % job.options.verify_every == 1
+        entry, problem = judge(sample, job.options, verify)
         if problem == "size_mismatch" and not verify_all:
             return False
         if problem:
@@ -231,8 +232,9 @@ def scan_tar(job: TarJob, verify_all: bool) -> tuple[list[SampleEntry] | None, C
     return entries, counts, inputs
 
 
-def judge(sample: dict, options: IndexOptions, verify: bool) -> tuple[SampleEntry | None, str | None]:
-    """(its index entry, None) or (None, why it is skipped)."""
+def judge(sample: dict, options: IndexOptions, verify: bool | None) -> tuple[SampleEntry | None, str | None]:
+    """(its index entry, None) or (None, why it is skipped). verify: check the json's size against the
+    image header (a mismatch is "size_mismatch"); None: take every size from the header."""
     members, key = sample["members"], sample["key"]
     if not readable_key(key):
         return None, "bad_key"
@@ -248,7 +250,7 @@ def judge(sample: dict, options: IndexOptions, verify: bool) -> tuple[SampleEntr
         if not isinstance(meta, dict):
             return None, "bad_json"
     width, height = meta.get("width"), meta.get("height")
-    sized = isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0
+    sized = isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0 and verify is not None
     if not sized or verify:
         try:
             header = Image.open(io.BytesIO(members[image_ext])).size

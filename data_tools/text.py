@@ -10,25 +10,28 @@ arrays).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
 import torch
 
 from pixelflow.data import text_store
-from pixelflow.data.shard_format import parse_sample, read_index, read_manifest
+from pixelflow.data.loader import caption_bytes
+from pixelflow.data.shard_format import Manifest, parse_sample, read_index, read_manifest
 from pixelflow.data.storage import filesystem
 from pixelflow.progress import Progress
 
 
-def shard_captions(fs, base: str, name: str) -> list[tuple[str, str]]:
-    """(key, caption) of a shard's samples in order."""
+def shard_captions(fs, base: str, name: str, manifest: Manifest, storage_options: dict) -> list[tuple[str, str]]:
+    """(key, caption) of a shard's samples in order (adopted tars: read where the manifest says)."""
     entries = read_index(fs, base, name)
-    data = fs.cat_file(f"{base}/{name}")
+    tar_fs, tar_base = filesystem(manifest.location, **storage_options) if manifest.location else (fs, base)
+    data = tar_fs.cat_file(f"{tar_base}/{name}")
     out = []
     for entry in entries:
-        members = parse_sample(data[entry.offset : entry.offset + entry.length], f"{base}/{name} {entry.key}")
-        out.append((entry.key, members.get("txt", b"").decode("utf-8", "replace")))
+        members = parse_sample(data[entry.offset : entry.offset + entry.length], f"{tar_base}/{name} {entry.key}")
+        out.append((entry.key, caption_bytes(members, manifest.caption_field).decode("utf-8", "replace")))
     return out
 
 
@@ -40,8 +43,11 @@ def tiny_text_encoder(
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     fs, base = filesystem(dataset, **(storage_options or {}))
+    manifest = read_manifest(fs, base)
     captions = [
-        caption for shard in read_manifest(fs, base).shards for _, caption in shard_captions(fs, base, shard.name)
+        caption
+        for shard in manifest.shards
+        for _, caption in shard_captions(fs, base, shard.name, manifest, storage_options or {})
     ]
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -100,19 +106,21 @@ def encode_text(
     encoded = 0
     with Progress(len(chosen), "encoding captions", "shard", enabled=progress) as bar:
         for shard in chosen:
-            encoded += encode_shard(model, fs, base, out_fs, out_base, shard, batch)
+            captions = functools.partial(shard_captions, fs, base, shard.name, manifest, storage_options or {})
+            encoded += encode_shard(model, captions, out_fs, out_base, shard, batch)
             bar.update()
     return EncodeReport(len(chosen), encoded, len(chosen) - encoded)
 
 
-def encode_shard(model, fs, base: str, out_fs, out_base: str, shard, batch: int) -> bool:
-    """Encode one shard's captions; False when they were already encoded from the same shard."""
+def encode_shard(model, read_captions, out_fs, out_base: str, shard, batch: int) -> bool:
+    """Encode one shard's captions (read_captions(): its (key, caption)s); False when they were already
+    encoded from the same shard."""
     name = shard.name.removesuffix(".tar")
     source = json.dumps([shard.name, shard.count, shard.bytes, model.identity()])  # the shard's and the encoder's
     done = text_store.read_index(out_fs, out_base, name)
     if done is not None and done.get("source") == source:
         return False
-    captions = shard_captions(fs, base, shard.name)
+    captions = read_captions()
     items = []
     for first in range(0, len(captions), batch):
         chunk = captions[first : first + batch]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +26,7 @@ from pixelflow.data.shard_format import member_key, read_index, read_manifest
 from pixelflow.data.storage import filesystem
 from pixelflow.train.trainer import train
 from tests.conftest import cli, error_lines, run_ranks, tiny_config, tiny_overrides
+from tests.s3 import CREDENTIALS, free_port
 from tests.test_s3_data import BUCKET, s3_options
 
 SHARDS, PER_SHARD = 4, 12
@@ -161,3 +169,122 @@ def test_damaged_tars_count_every_sample_by_reason_and_an_empty_result_is_an_err
     [line] = error_lines(nothing.stderr, "pixelflow-data")
     assert line.startswith(f"pixelflow-data: error: {tars}: nothing indexed: ") and "too_small" in line
     assert not (tmp_path / "m4" / "manifest.json").exists()
+
+
+def test_json_sizes_that_disagree_with_the_image_headers_are_replaced_by_the_headers(tmp_path):
+    rng = np.random.default_rng(3)
+    buffer = io.BytesIO()
+    with wds.TarWriter(buffer) as writer:  # the json claims 64 x 64; the images are 48 x 40
+        for i in range(3):
+            writer.write({"__key__": f"s{i}", "jpg": jpeg(rng), "json": json.dumps({"width": 64, "height": 64})})
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "a.tar").write_bytes(buffer.getvalue())
+    report = index_dataset(str(tmp_path / "tars"))
+    assert report.written == 3 and report.skipped == {}
+    fs, root = filesystem(str(tmp_path / "tars"))
+    assert {(e.width, e.height) for e in read_index(fs, root, "a.tar")} == {(48, 40)}
+
+
+@pytest.fixture(scope="module")
+def img2dataset_output(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, str]]]:
+    """img2dataset's real webdataset output (3 tars, .parquet and _stats.json beside them) of 30 generated
+    images served by `python -m http.server` on 127.0.0.1, with a caption and a label column; and what
+    each sample was written with, read from the tars by the standard library."""
+    root = tmp_path_factory.mktemp("img2dataset")
+    (root / "www").mkdir()
+    rng, port = np.random.default_rng(4), free_port()
+    with open(root / "urls.csv", "w", newline="") as handle:
+        table = csv.writer(handle)
+        table.writerow(["url", "caption", "label"])
+        for i in range(30):
+            size = (64 + 8 * (i % 3), 48 + 8 * (i % 2))
+            Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8")).save(root / "www" / f"{i}.png")
+            table.writerow([f"http://127.0.0.1:{port}/{i}.png", f"picture {i}", i % 4])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root / "www")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        command = [str(Path(sys.executable).parent / "img2dataset"), "--url_list", str(root / "urls.csv")]
+        command += ["--input_format", "csv", "--url_col", "url", "--caption_col", "caption"]
+        command += ["--save_additional_columns", '["label"]', "--output_format", "webdataset"]
+        command += ["--output_folder", str(root / "out"), "--processes_count", "1", "--thread_count", "4"]
+        command += ["--image_size", "32", "--resize_mode", "keep_ratio", "--number_sample_per_shard", "12"]
+        command += ["--enable_wandb", "False", "--distributor", "multiprocessing"]
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}  # nothing reaches the network
+        done = subprocess.run(command, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait()
+    written = {}
+    for tar in sorted((root / "out").glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(archive.extractfile(member).read())  # type: ignore[union-attr]
+                    written[meta["key"]] = (meta["label"], meta["caption"])
+    assert len(written) == 30 and {label for label, _ in written.values()} == {0, 1, 2, 3}
+    return root / "out", written
+
+
+def wait_for_port(port: int) -> None:
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.mark.slow
+def test_img2dataset_output_trains_in_place_with_its_labels_and_captions(tmp_path, img2dataset_output):
+    out, written = img2dataset_output
+    before = checksums(str(out))
+    done = cli("data_tools", "index", out, "--label-field", "label", "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["inputs"] == report["written"] == 30 and report["shards"] == 3
+    after = checksums(str(out))
+    assert {name: after[name] for name in before} == before  # tars, parquet and stats untouched
+    assert sorted(set(after) - set(before)) == [
+        "00000.index.json",
+        "00001.index.json",
+        "00002.index.json",
+        "manifest.json",
+    ]
+    assert read_back(str(out)) == written
+
+    one = train(tiny_config(tmp_path / "one", out, "train.steps=3", "data.lanes=3")).run_dir
+    overrides = tiny_overrides(tmp_path / "two", out, "train.steps=3", "data.lanes=3", "parallel.dp_shard=2")
+    run_ranks(["-m", "pixelflow", "train", "configs/demo.yaml", *overrides], 2)
+    losses = [
+        [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+        for run in (one, tmp_path / "two")
+    ]
+    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_img2dataset_output_on_s3_indexes_with_its_metadata_in_another_bucket(img2dataset_output, s3_endpoint):
+    out, written = img2dataset_output
+    options = s3_options(s3_endpoint.endpoint)
+    fs, _ = filesystem(BUCKET, **options)
+    if not fs.exists("pixelflow-meta"):
+        fs.mkdir("pixelflow-meta")
+    tars = f"{BUCKET}/img2dataset"
+    for path in sorted(out.iterdir()):
+        if not path.name.endswith(".index.json") and path.name != "manifest.json":  # img2dataset's own files
+            fs.pipe_file(f"{tars.removeprefix('s3://')}/{path.name}", path.read_bytes())
+    before = checksums(tars, options)
+    meta = "s3://pixelflow-meta/img2dataset"
+    command = ["data_tools", "index", tars, "--meta", meta, "--label-field", "label", "--workers", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **CREDENTIALS}
+    done = cli(*command, "--endpoint-url", s3_endpoint.endpoint, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["written"] == 30
+    assert checksums(tars, options) == before  # the source bucket holds exactly what it held
+    assert read_back(meta, options) == written
