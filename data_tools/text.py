@@ -27,7 +27,7 @@ def shard_captions(fs, base: str, name: str, manifest: Manifest, storage_options
     """(key, caption) of a shard's samples in order (adopted tars: read where the manifest says)."""
     entries = read_index(fs, base, name)
     tar_fs, tar_base = filesystem(manifest.location, **storage_options) if manifest.location else (fs, base)
-    data = tar_fs.cat_file(f"{tar_base}/{name}")
+    data: bytes = tar_fs.cat_file(f"{tar_base}/{name}")  # pyright: ignore[reportAssignmentType] (bytes)
     out = []
     for entry in entries:
         members = parse_sample(data[entry.offset : entry.offset + entry.length], f"{tar_base}/{name} {entry.key}")
