@@ -29,7 +29,7 @@ from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world, shutdown  # noqa: E402
 from pixelflow.train.batches import UnitBatch  # noqa: E402
 from pixelflow.train.checkpoint import Checkpointer  # noqa: E402
-from pixelflow.train.engine import build_engine  # noqa: E402
+from pixelflow.train.engines import build_engine  # noqa: E402
 from pixelflow.train.step import StepRunner  # noqa: E402
 from pixelflow.weights import step_dir  # noqa: E402
 

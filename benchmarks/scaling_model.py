@@ -192,7 +192,7 @@ def check(overrides: list[str]) -> None:
     from pixelflow.data.planner import plan_settings
     from pixelflow.parallel.world import init_world, shutdown
     from pixelflow.train.batches import UnitBatch
-    from pixelflow.train.engine import build_engine
+    from pixelflow.train.engines import build_engine
     from pixelflow.train.step import StepRunner
 
     torch.set_num_threads(1)

@@ -36,7 +36,7 @@ from pixelflow.config import load_config  # noqa: E402
 from pixelflow.data.planner import plan_settings, plan_step  # noqa: E402
 from pixelflow.parallel.world import init_world  # noqa: E402
 from pixelflow.train.batches import UnitBatch  # noqa: E402
-from pixelflow.train.engine import build_engine  # noqa: E402
+from pixelflow.train.engines import build_engine  # noqa: E402
 from pixelflow.train.step import StepRunner  # noqa: E402
 
 

@@ -174,12 +174,13 @@ def run_index(args: argparse.Namespace, part: tuple[int, int] | None = None):
         max_aspect=args.max_aspect,
         where=tuple(args.where),
     )
+    stored = next((p for p in (args.source, args.meta) if p and p.startswith("s3://")), args.source)
     report = index_dataset(
         args.source,
         args.meta,
         options,
         workers=args.workers,
-        storage_options=storage_options(args.meta or args.source, args.endpoint_url),
+        storage_options=storage_options(stored, args.endpoint_url),
         progress=not args.quiet,
         part=part,
     )

@@ -97,11 +97,16 @@ class IndexReport:
     seconds: float = 0.0
 
 
+def place(path: str, storage_options: dict) -> tuple:
+    """(filesystem, path in it): the storage options are the object store's, a local path takes none."""
+    return filesystem(path, **(storage_options if "://" in path else {}))
+
+
 def resolve_tars(source: str, storage_options: dict) -> tuple[str, list[str]]:
     """(the folder holding the tars, their names) for a folder, a brace pattern or a list file (one tar
     path per line). The tars must share one folder: the manifest names them relative to it."""
     if source.endswith((".txt", ".list")) and "{" not in source:
-        fs, path = filesystem(source, **storage_options)
+        fs, path = place(source, storage_options)
         if not fs.isfile(path):
             raise IngestError(f"{source}: list file not found")
         text = fs.cat_file(path).decode()  # pyright: ignore[reportAttributeAccessIssue] (cat_file returns bytes)
@@ -109,7 +114,7 @@ def resolve_tars(source: str, storage_options: dict) -> tuple[str, list[str]]:
     elif "{" in source:
         paths = list(braceexpand.braceexpand(source))
     else:
-        fs, path = filesystem(source, **storage_options)
+        fs, path = place(source, storage_options)
         if not fs.isdir(path):
             raise IngestError(f"{source}: input not found (a folder of tars, a brace pattern or a list file)")
         prefix = source.rstrip("/")
@@ -138,7 +143,7 @@ class TarJob:
 
 def fingerprint(job: TarJob) -> dict:
     """What the index depends on: the tar's size and ETag (or mtime), and the options."""
-    fs, path = filesystem(f"{job.folder}/{job.name}", **job.storage_options)
+    fs, path = place(f"{job.folder}/{job.name}", job.storage_options)
     info = fs.info(path)
     version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
     options = hashlib.sha256(json.dumps(asdict(job.options), sort_keys=True).encode()).hexdigest()[:16]
@@ -148,7 +153,7 @@ def fingerprint(job: TarJob) -> dict:
 def index_tar(job: TarJob) -> dict:
     """Index one tar (or reuse its index): the part of the report it adds and its ShardInfo."""
     source = fingerprint(job)
-    meta_fs, meta_root = filesystem(job.meta, **job.storage_options)
+    meta_fs, meta_root = place(job.meta, job.storage_options)
     index_path = f"{meta_root}/{index_name(job.name)}"
     try:
         saved = json.loads(meta_fs.cat_file(index_path))
@@ -185,7 +190,7 @@ def index_tar(job: TarJob) -> dict:
 def scan_tar(job: TarJob, verify_all: bool) -> tuple[list[SampleEntry] | None, Counter, int]:
     """(entries, skipped counts, samples seen) of one tar, streamed once; entries None when a json size
     disagreed with its image header and verify_all is off."""
-    fs, path = filesystem(f"{job.folder}/{job.name}", **job.storage_options)
+    fs, path = place(f"{job.folder}/{job.name}", job.storage_options)
     entries: list[SampleEntry] = []
     counts: Counter = Counter()
     inputs = 0
@@ -310,7 +315,7 @@ def index_dataset(
     options.conditions()  # a bad --where is refused before any tar is read
     folder, names = resolve_tars(source, storage_options)
     meta = (meta or folder).rstrip("/")
-    meta_fs, meta_root = filesystem(meta, **storage_options)
+    meta_fs, meta_root = place(meta, storage_options)
     meta_fs.makedirs(meta_root, exist_ok=True)
     jobs = [TarJob(folder, name, meta, storage_options, options) for name in names]
     if part is not None:
