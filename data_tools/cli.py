@@ -99,9 +99,19 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-outside-root", action="store_true", help="read inputs and captions that resolve outside the input"
     )
+    parser.add_argument("--class-names", help="a table's class names, one per line in label order")
     parser.add_argument("--create-bucket", action="store_true", help="create the s3:// output bucket if missing")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def read_class_names(path: str | None) -> tuple[str, ...]:
+    """--class-names FILE: one class name per line, in label order."""
+    if not path:
+        return ()
+    if not Path(path).is_file():
+        raise ConfigError(f"--class-names {path}: not found")
+    return tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
 
 
 def run_ingest(args: argparse.Namespace, part: tuple[int, int] | None = None) -> Report:
@@ -118,6 +128,7 @@ def run_ingest(args: argparse.Namespace, part: tuple[int, int] | None = None) ->
         max_pixels=args.max_pixels,
         max_file_mb=args.max_file_mb,
         allow_outside_root=args.allow_outside_root,
+        class_names=read_class_names(args.class_names),
     )
     report = ingest(
         args.input,

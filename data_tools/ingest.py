@@ -3,9 +3,12 @@
 Inputs (kind detected when not given):
 - `imagefolder`: INPUT/<class>/<image>, ImageNet style; label = class index in sorted order, caption = class.
 - `captioned`: images anywhere under INPUT with a sidecar `<stem>.txt` caption.
-- `table`: a .parquet, .jsonl or .csv with an image path column (image|path|image_path|file|filename),
-  a caption column (caption|text|prompt) and optionally a label column (label|class|class_id); relative
-  paths are read from the table's directory.
+- `table`: a .parquet, .jsonl or .csv, a folder of them or a glob (`data/train-*.parquet`), with an image
+  column (image|path|image_path|file|filename) holding a path (relative ones are read from the table's
+  directory), an `s3://` URL (read through fsspec), the image's bytes (a binary column) or the Hugging
+  Face Hub layout (`image: struct<bytes, path>`); a caption column (caption|text|prompt), which may be
+  absent when there is a label column (label|class|class_id). Class names come from `--class-names` or
+  the Hub's ClassLabel metadata. Parquet is read one row group at a time: memory stays bounded.
 
 Every input is either written or skipped with a reason; `written + sum(skipped) = inputs`. Shard i always
 holds the same inputs (fixed by input order), so a rerun skips shards that are complete (index written,
@@ -16,6 +19,7 @@ member can escape its directory.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -25,6 +29,7 @@ import re
 import stat
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +66,7 @@ class Item:
     caption: str | None
     label: int | None
     problem: str | None = None  # a reason to skip found while listing (e.g. missing_caption)
+    cell: tuple[str, int, int, str] | None = None  # bytes inside a parquet: (file, row group, row, column)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (too_many_pixels), judged from the header
     max_file_mb: float = 256.0  # larger input files are skipped (too_large_file) without being read
     allow_outside_root: bool = False  # read inputs (or captions) that resolve outside the input root
+    class_names: tuple[str, ...] = ()  # a table's class names, by label (default: the Hub's metadata)
 
 
 @dataclass
@@ -99,6 +106,8 @@ def sanitize_key(text: str) -> str:
 
 def detect_kind(source: Path) -> str:
     """table for a file; captioned when images have sidecar captions; imagefolder for class folders."""
+    if any(c in str(source) for c in "*?["):
+        return "table"  # a glob of tables
     if source.is_file():
         if source.suffix.lower() in TABLE_SUFFIXES:
             return "table"
@@ -106,6 +115,8 @@ def detect_kind(source: Path) -> str:
     if not source.is_dir():
         raise IngestError(f"{source}: input not found")
     images = _images_under(source)
+    if not images and any(p.suffix.lower() in TABLE_SUFFIXES for p in source.iterdir()):
+        return "table"  # a folder of tables
     if any(path.with_suffix(".txt").exists() for path in images):
         return "captioned"
     if any(p.is_dir() for p in source.iterdir()) and not any(path.parent == source for path in images):
@@ -208,34 +219,112 @@ def list_items(source: Path, kind: str, options: Options = Options()) -> tuple[l
             key = sanitize_key("-".join(path.relative_to(source).with_suffix("").parts))
             items.append(Item(key, str(path), caption, None, input_problem(path, source, options) or problem))
         return items, None
-    rows = _table_rows(source)
-    objects = [row for row in rows if isinstance(row, dict)]
-    if not objects:
-        return [Item(f"row-{i}", "", None, None, "bad_row") for i in range(len(rows))], None
-    path_column = _column(objects[0].keys(), PATH_COLUMNS, source, required=True)
-    caption_column = _column(objects[0].keys(), CAPTION_COLUMNS, source, required=True)
-    label_column = _column(objects[0].keys(), LABEL_COLUMNS, source, required=False)
-    items = []
-    for number, row in enumerate(rows):
-        if not isinstance(row, dict):
-            items.append(Item(f"row-{number}", "", None, None, "bad_row"))
-            continue
-        listed = str(row.get(path_column) or "").strip()
+    return table_items(source, options)
+
+
+def table_files(source: Path) -> list[Path]:
+    """The tables of a table input: the file, a folder's tables or a glob's matches, in name order."""
+    if any(c in str(source) for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(source)))
+    elif source.is_dir():
+        files = sorted(source.iterdir())
+    else:
+        files = [source]
+    files = [f for f in files if f.suffix.lower() in TABLE_SUFFIXES and f.is_file()]
+    if not files:
+        raise IngestError(f"{source}: no tables there (.parquet, .jsonl or .csv)")
+    return files
+
+
+def table_rows(table: Path) -> Iterator[tuple[object, tuple[int, int] | None]]:
+    """Each row of a table with its (row group, row) in a parquet file; parquet is read one row group at a
+    time, so a table of image bytes never sits in memory whole."""
+    if table.suffix.lower() != ".parquet":
+        for row in _table_rows(table):
+            yield row, None
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(table)
+    except Exception as exc:
+        raise IngestError(f"{table}: cannot read the table ({type(exc).__name__}: {exc})") from None
+    for group in range(parquet.num_row_groups):
+        for row, record in enumerate(parquet.read_row_group(group).to_pylist()):
+            yield record, (group, row)
+
+
+def hub_class_names(table: Path, column: str | None) -> list[str] | None:
+    """The class names a Hugging Face Hub parquet declares for its label column (ClassLabel), if any."""
+    if column is None or table.suffix.lower() != ".parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(table).schema_arrow.metadata or {}
+    try:
+        feature = json.loads(metadata[b"huggingface"])["info"]["features"][column]
+    except (KeyError, ValueError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return [str(name) for name in names] if isinstance(names, list) else None
+
+
+def table_items(source: Path, options: Options) -> tuple[list[Item], list[str] | None]:
+    """The rows of every table of `source` as inputs: the image as a path, a URL or bytes in the table."""
+    items: list[Item] = []
+    columns: tuple[str | None, str | None, str | None] | None = None
+    classes = list(options.class_names) or None
+    number = -1
+    for table in table_files(source):
+        for row, position in table_rows(table):
+            number += 1
+            if not isinstance(row, dict):
+                items.append(Item(f"row-{number}", "", None, None, "bad_row"))
+                continue
+            if columns is None:  # the first table's columns name every table's
+                path_column = _column(row.keys(), PATH_COLUMNS, table, required=True)
+                label_column = _column(row.keys(), LABEL_COLUMNS, table, required=False)
+                caption_column = _column(row.keys(), CAPTION_COLUMNS, table, required=label_column is None)
+                columns = (path_column, caption_column, label_column)
+                classes = classes or hub_class_names(table, label_column)
+            items.append(table_item(row, columns, table, position, number, options))  # pyright: ignore[reportArgumentType] (set above)
+    return items, classes
+
+
+def table_item(
+    row: dict, columns: tuple, table: Path, position: tuple[int, int] | None, number: int, options: Options
+) -> Item:
+    path_column, caption_column, label_column = columns
+    value, cell, problem = row.get(path_column), None, None
+    if isinstance(value, dict) or isinstance(value, (bytes, bytearray)):  # the image itself is in the table
+        inline = value.get("bytes") if isinstance(value, dict) else value
+        listed = (value.get("path") if isinstance(value, dict) else None) or f"{table.stem}-{number}"
+        source = f"{table}#{number}"
+        if position is None or not inline:
+            problem = "empty_image"
+        else:
+            cell = (str(table), position[0], position[1], path_column)
+    else:
+        listed = str(value or "").strip()
         if not listed:
-            items.append(Item(f"row-{number}", "", None, None, "empty_path"))
-            continue
-        image = Path(listed) if Path(listed).is_absolute() else source.parent / listed
-        caption = str(row.get(caption_column) or "").strip() or None
-        problem = input_problem(image, source.parent, options) or _caption_problem(caption)
+            return Item(f"row-{number}", "", None, None, "empty_path")
+        if "://" in listed:  # an object store: read through fsspec by the shard's worker
+            source = listed
+        else:
+            image = Path(listed) if Path(listed).is_absolute() else table.parent / listed
+            source, problem = str(image), input_problem(image, table.parent, options)
+    caption = str(row.get(caption_column) or "").strip() or None if caption_column else None
+    problem = problem or _caption_problem(caption)
+    if caption_column:  # a table without captions (a label column instead) trains class-conditionally
         problem = problem or (None if caption else "missing_caption")
-        label = None
-        if label_column is not None and row.get(label_column) not in (None, ""):
-            try:
-                label = int(row[label_column])
-            except (TypeError, ValueError):
-                problem = problem or "bad_label"
-        items.append(Item(sanitize_key(str(Path(listed).with_suffix(""))), str(image), caption, label, problem))
-    return items, None
+    label = None
+    if label_column is not None and row.get(label_column) not in (None, ""):
+        try:
+            label = int(row[label_column])
+        except (TypeError, ValueError):
+            problem = problem or "bad_label"
+    key = sanitize_key(str(Path(listed.split("://")[-1]).with_suffix("")))
+    return Item(key, source, caption, label, problem, cell)
 
 
 def mark_duplicates(items: list[Item]) -> list[Item]:
@@ -342,11 +431,12 @@ def shard_fingerprint(job: ShardJob) -> str:
     A rerun reuses a finished shard only when this is unchanged."""
     described: list = [asdict(job.options)]
     for item in job.items:
+        local = item.source and item.cell is None and "://" not in item.source and item.problem is None
         try:
-            size = os.stat(item.source).st_size if item.source and item.problem is None else None
+            size = os.stat(item.source).st_size if local else None
         except OSError:
             size = None
-        described.append([item.key, item.source, size, item.caption, item.label, item.problem])
+        described.append([item.key, item.source, size, item.caption, item.label, item.problem, item.cell])
     text = json.dumps(described, ensure_ascii=True).encode("utf-8", "surrogatepass")
     return hashlib.sha256(text).hexdigest()
 
@@ -358,6 +448,27 @@ class ShardJob:
     output: str
     storage: dict
     options: Options
+    endpoint_url: str | None = None  # for inputs on S3
+
+
+def read_input(item: Item, job: ShardJob, row_groups: dict) -> bytes:
+    """The input's bytes: from a parquet row group (read once per shard), an object store, or a file."""
+    limit = int(job.options.max_file_mb * 2**20) + 1
+    if item.cell is not None:
+        file, group, row, column = item.cell
+        if (file, group) not in row_groups:
+            import pyarrow.parquet as pq
+
+            row_groups.clear()  # a shard's rows are consecutive: one row group (or two) at a time
+            row_groups[(file, group)] = pq.ParquetFile(file).read_row_group(group, columns=[column])[column].to_pylist()
+        value = row_groups[(file, group)][row]
+        return (value.get("bytes") if isinstance(value, dict) else value) or b""
+    if "://" in item.source:
+        fs, path = filesystem(item.source, **storage_options(item.source, job.endpoint_url))
+        with fs.open(path, "rb") as handle:
+            return handle.read(limit)  # pyright: ignore[reportReturnType] (opened "rb")
+    with open(item.source, "rb") as handle:
+        return handle.read(limit)  # a file that grew since listing is caught by the caller
 
 
 def write_shard(job: ShardJob) -> dict:
@@ -374,13 +485,13 @@ def write_shard(job: ShardJob) -> dict:
         fs.rm(f"{root}/{index_name(name)}")  # other inputs or options than when it was written: redo it
     writer = ShardWriter(fs, root, name)
     skipped, converted = Counter(), Counter()
+    row_groups: dict = {}
     for item in job.items:
         if item.problem:
             skipped[item.problem] += 1
             continue
         try:
-            with open(item.source, "rb") as handle:
-                data = handle.read(int(job.options.max_file_mb * 2**20) + 1)  # a file that grew since listing
+            data = read_input(item, job, row_groups)
             if len(data) > job.options.max_file_mb * 2**20:
                 raise Skip("too_large_file")
             encoded, extension, width, height, conversions = prepare_image(data, job.options)
@@ -435,7 +546,8 @@ def ingest(
     if output.startswith("s3://") and not create_bucket and not fs.exists(root.split("/")[0]):
         raise IngestError(f"{output}: bucket {root.split('/')[0]} does not exist; create it or pass --create-bucket")
     fs.makedirs(root, exist_ok=True)
-    jobs = [ShardJob(n, group, output, storage, options) for n, group in enumerate(plan_shards(items, options))]
+    shards = enumerate(plan_shards(items, options))
+    jobs = [ShardJob(n, group, output, storage, options, endpoint_url) for n, group in shards]
     if part is not None:
         jobs = jobs[part[0] :: part[1]]
     report = Report(inputs=sum(len(job.items) for job in jobs))
