@@ -1,6 +1,6 @@
 """Dataset preparation as SLURM job arrays: task i of n handles every n-th shard from the i-th, resumable as
 the local command is (finished shards are skipped), so a failed task can be submitted again alone
-(`--task I`). Ingest adds a final step that starts once every task succeeded and writes the manifest and
+(`--task I`). Ingest and index add a final step that starts once every task succeeded and writes the manifest and
 the merged report; encode-text needs none (each shard's embeddings index is its own commit)."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`pixelflow-launch` (also `python -m launch`): submit training to SLURM, watch it, cancel it, run it locally,
-ingest, encode-text and eval as job arrays. Thin: parses, then calls launch.slurm / launch.local / launch.arrays."""
+ingest, index, encode-text and eval as job arrays. Thin: parses, then calls launch.slurm / launch.local /
+launch.arrays."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_tools.cli import add_encode_text_arguments, add_ingest_arguments
+from data_tools.cli import add_encode_text_arguments, add_index_arguments, add_ingest_arguments
 from data_tools.ingest import IngestError
 from launch.slurm import LaunchError
 from pixelflow.cli import add_eval_arguments, run_command
@@ -82,6 +83,18 @@ def _ingest(args: argparse.Namespace) -> None:
     tasks = check_tasks(args)
     args.input, args.output, args.quiet = absolute(args.input), absolute(args.output), True
     ids, final = submit_array(args, array_slurm(args, "pixelflow-ingest"), tasks, run_ingest, final=True)
+    print(f"submitted array tasks {' '.join(ids)}")
+    print(f"submitted final step {final} (manifest and report; runs once every task succeeded)")
+
+
+def _index(args: argparse.Namespace) -> None:
+    from data_tools.cli import run_index
+    from launch.arrays import absolute, submit_array
+
+    tasks = check_tasks(args)
+    args.source, args.quiet = absolute(args.source), True
+    args.meta = absolute(args.meta) if args.meta else None
+    ids, final = submit_array(args, array_slurm(args, "pixelflow-index"), tasks, run_index, final=True)
     print(f"submitted array tasks {' '.join(ids)}")
     print(f"submitted final step {final} (manifest and report; runs once every task succeeded)")
 
@@ -167,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("overrides", nargs="*", metavar="key=value")
     local.add_argument("--nproc", type=int, default=1, help="ranks (default 1)")
     local.set_defaults(func=_local)
+
+    index = commands.add_parser(
+        "index",
+        help="index existing tars as a SLURM job array",
+        description="pixelflow-data index split over --tasks array tasks plus a final step (manifest, report).",
+    )
+    add_index_arguments(index)
+    add_array_arguments(index, "index_logs")
+    index.set_defaults(func=_index)
 
     ingest = commands.add_parser(
         "ingest",

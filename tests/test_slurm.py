@@ -193,6 +193,22 @@ def test_array_ingest_writes_what_a_local_ingest_writes(tmp_path, slurm_cluster)
     assert merged["written"] == 36 and sum(merged["skipped"].values()) == 2  # the tiny and the broken file
 
 
+def test_array_index_writes_what_a_local_index_writes(tmp_path, slurm_cluster):
+    from data_tools.index import index_dataset
+    from tests.test_index import write_tars
+
+    write_tars(str(tmp_path / "tars"), labels=True)
+    expected = index_dataset(str(tmp_path / "tars"), str(tmp_path / "local"))
+    logs = ["--logs", str(tmp_path / "logs"), "--report", str(tmp_path / "report.json")]
+    done = launch("index", str(tmp_path / "tars"), "--meta", str(tmp_path / "array"), "--tasks", "3", *logs)
+    assert wait_final(done.stdout.splitlines()[1].split()[3], 240) == "COMPLETED"
+    for name in ["manifest.json", *(f"part-{i:03d}.index.json" for i in range(4))]:
+        local, array = (json.loads((tmp_path / where / name).read_text()) for where in ("local", "array"))
+        assert local == array, name  # the manifest names the tars' folder as their location in both
+    merged = json.loads((tmp_path / "report.json").read_text())
+    assert merged["written"] == expected.written == 48 and merged["shards_reused"] == 4  # the final step reuses
+
+
 def test_array_encode_text_writes_what_a_local_encode_writes(tmp_path, shapes_dataset, slurm_cluster):
     from data_tools.text import encode_text, tiny_text_encoder
 
