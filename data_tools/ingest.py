@@ -222,6 +222,78 @@ def list_items(source: Path, kind: str, options: Options = Options()) -> tuple[l
     return table_items(source, options)
 
 
+def list_remote_items(
+    url: str, kind: str | None, options: Options, storage: dict
+) -> tuple[list[Item], list[str] | None]:
+    """The inputs of a class folder, captioned folder or table on an object store (s3://), listed through
+    fsspec: images become URL inputs that the shard workers read; sidecar captions are read here."""
+    fs, root = filesystem(url, **storage)
+    scheme = url.split("://")[0] + "://"
+    if fs.isfile(root):
+        if Path(root).suffix.lower() not in TABLE_SUFFIXES:
+            raise IngestError(f"{url}: a file input must be a table (.parquet, .jsonl or .csv)")
+        local = Path(fsspec_local_copy(fs, root))
+        items, classes = table_items(local, options)
+        base = url.rsplit("/", 1)[0]
+        return [remote_row(item, local, base) for item in items], classes
+    if not fs.isdir(root):
+        raise IngestError(f"{url}: input not found")
+    listing: dict = fs.find(root, detail=True)  # pyright: ignore[reportAssignmentType] (detail=True: a dict)
+    found = {path: info for path, info in sorted(listing.items()) if info.get("type") == "file"}
+    images = [path for path in found if Path(path).suffix.lower() in IMAGE_SUFFIXES]
+    sidecars = {path for path in found if path.endswith(".txt")}
+    if kind is None:
+        captioned = any(str(Path(path).with_suffix(".txt")) in sidecars for path in images)
+        in_folders = bool(images) and all("/" in path[len(root) + 1 :] for path in images)
+        kind = "captioned" if captioned else "imagefolder" if in_folders else None
+        if kind is None:
+            raise IngestError(f"{url}: neither class folders nor images with .txt captions; give --kind")
+    if kind not in ("imagefolder", "captioned"):
+        raise IngestError(f"--kind {kind}: an s3:// folder holds imagefolder or captioned inputs")
+
+    def too_large(path: str) -> str | None:
+        return "too_large_file" if found[path].get("size", 0) > options.max_file_mb * 2**20 else None
+
+    if kind == "imagefolder":
+        classes = sorted({path[len(root) + 1 :].split("/")[0] for path in images if "/" in path[len(root) + 1 :]})
+        items = []
+        for label, name in enumerate(classes):
+            for path in (p for p in images if p.startswith(f"{root}/{name}/")):
+                key = sanitize_key(f"{name}-{Path(path[len(root) + len(name) + 2 :]).with_suffix('')}")
+                items.append(Item(key, scheme + path, name, label, too_large(path)))
+        return items, classes
+    wanted = [str(Path(path).with_suffix(".txt")) for path in images]
+    present = [w for w in wanted if w in sidecars]
+    texts: dict = fs.cat(present) if present else {}  # pyright: ignore[reportAssignmentType] (a list in: a dict out)
+    items = []
+    for path, sidecar in zip(images, wanted):
+        caption = texts[sidecar].decode("utf-8", "replace").strip() or None if sidecar in texts else None
+        key = sanitize_key("-".join(Path(path[len(root) + 1 :]).with_suffix("").parts))
+        problem = too_large(path) or _caption_problem(caption) or (None if caption else "missing_caption")
+        items.append(Item(key, scheme + path, caption, None, problem))
+    return items, None
+
+
+def fsspec_local_copy(fs, path: str) -> str:
+    """A table on an object store, copied to a local temporary file (tables are small beside their images;
+    parquet row groups are then read from it as from any local table)."""
+    import tempfile
+
+    local = os.path.join(tempfile.mkdtemp(prefix="pixelflow-table-"), Path(path).name)
+    fs.get(path, local)
+    return local
+
+
+def remote_row(item: Item, table: Path, base: str) -> Item:
+    """A row of a table read from an object store: relative image paths are objects beside the table."""
+    if item.cell is not None or "://" in item.source or not item.source:
+        return item
+    relative = os.path.relpath(item.source, table.parent)
+    if relative.startswith(".."):
+        return Item(item.key, item.source, item.caption, item.label, "outside_root")
+    return Item(item.key, f"{base}/{relative}", item.caption, item.label, None)
+
+
 def table_files(source: Path) -> list[Path]:
     """The tables of a table input: the file, a folder's tables or a glob's matches, in name order."""
     if any(c in str(source) for c in "*?["):
@@ -535,11 +607,14 @@ def ingest(
     With part=(i, n), write only every n-th shard from the i-th and no manifest: one task of a job array,
     whose final step (a run without part) reuses every shard and writes the manifest and whole report."""
     started = time.perf_counter()
-    source = Path(source)
-    kind = kind or detect_kind(source)
-    if kind not in KINDS:
-        raise IngestError(f"--kind {kind}: must be one of {', '.join(KINDS)}")
-    items, classes = list_items(source, kind, options)
+    if str(source).startswith("s3://"):  # Path would fold the scheme's '//'
+        items, classes = list_remote_items(str(source), kind, options, storage_options(str(source), endpoint_url))
+    else:
+        source = Path(source)
+        kind = kind or detect_kind(source)
+        if kind not in KINDS:
+            raise IngestError(f"--kind {kind}: must be one of {', '.join(KINDS)}")
+        items, classes = list_items(source, kind, options)
     items = mark_duplicates(items)
     storage = storage_options(output, endpoint_url)
     fs, root = filesystem(output, **storage)

@@ -83,3 +83,40 @@ def test_a_table_where_nothing_is_readable_exits_non_zero_in_one_line(tmp_path):
         == f"pixelflow-data: error: {tmp_path / 'table.csv'}: nothing written: 2 inputs, none usable (unreadable 2)"
     )
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_class_folders_captioned_folders_and_tables_on_s3_ingest_as_they_would_locally(tmp_path, s3_endpoint):
+    options = s3_options(s3_endpoint.endpoint)
+    fs, root = filesystem(f"{BUCKET}/raw", **options)
+    for i in range(6):
+        fs.pipe_file(f"{root}/classes/{'cat' if i % 2 else 'dog'}/{i}.png", png(200 + i))
+        fs.pipe_file(f"{root}/captioned/{i}.png", png(300 + i))
+        if i != 5:  # one image without its caption
+            fs.pipe_file(f"{root}/captioned/{i}.txt", f"picture {i}".encode())
+        fs.pipe_file(f"{root}/table/images/{i}.png", png(400 + i))
+    fs.pipe_file(
+        f"{root}/table/rows.csv", ("image,caption\n" + "".join(f"images/{i}.png,p {i}\n" for i in range(6))).encode()
+    )
+    endpoint = s3_endpoint.endpoint
+    from data_tools.ingest import Options
+
+    for source, written, skipped in [
+        ("classes", 6, {}),
+        ("captioned", 5, {"missing_caption": 1}),
+        ("table/rows.csv", 6, {}),
+    ]:
+        out = tmp_path / source.replace("/", "-")
+        report = ingest(
+            f"{BUCKET}/raw/{source}", str(out), options=Options(min_size=16), endpoint_url=endpoint, progress=False
+        )
+        assert (report.inputs, report.written, report.skipped) == (6, written, skipped), source
+    out_fs, out_root = filesystem(str(tmp_path / "classes"))
+    manifest = json.loads(out_fs.cat_file(f"{out_root}/manifest.json"))
+    assert manifest["classes"] == ["cat", "dog"] and manifest["num_classes"] == 2
+    labels = {
+        e.key: e.label for s in read_manifest(out_fs, out_root).shards for e in read_index(out_fs, out_root, s.name)
+    }
+    assert labels == {f"{'cat' if i % 2 else 'dog'}-{i}": i % 2 ^ 1 for i in range(6)}
+    missing = cli("data_tools", "ingest", f"{BUCKET}/raw/nothing", tmp_path / "x", "--endpoint-url", endpoint)
+    [line] = error_lines(missing.stderr, "pixelflow-data")
+    assert line == f"pixelflow-data: error: {BUCKET}/raw/nothing: input not found"
