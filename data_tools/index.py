@@ -144,7 +144,10 @@ class TarJob:
 def fingerprint(job: TarJob) -> dict:
     """What the index depends on: the tar's size and ETag (or mtime), and the options."""
     fs, path = place(f"{job.folder}/{job.name}", job.storage_options)
-    info = fs.info(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise IngestError(f"{job.folder}/{job.name}: tar not found") from None
     version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
     options = hashlib.sha256(json.dumps(asdict(job.options), sort_keys=True).encode()).hexdigest()[:16]
     return {"size": int(info["size"]), "version": str(version), "options": options}

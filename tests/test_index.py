@@ -169,6 +169,11 @@ def test_damaged_tars_count_every_sample_by_reason_and_an_empty_result_is_an_err
     [line] = error_lines(nothing.stderr, "pixelflow-data")
     assert line.startswith(f"pixelflow-data: error: {tars}: nothing indexed: ") and "too_small" in line
     assert not (tmp_path / "m4" / "manifest.json").exists()
+    pattern = f"{tars}/part-{{000..002}}.tar"  # part-002.tar is there; part-003 is left out; none is missing
+    assert cli("data_tools", "index", pattern, "--meta", tmp_path / "m5", "--quiet").returncode == 0
+    gone = cli("data_tools", "index", f"{tars}/part-{{003..004}}.tar", "--meta", tmp_path / "m6", "--quiet")
+    [line] = error_lines(gone.stderr, "pixelflow-data")
+    assert line == f"pixelflow-data: error: {tars}/part-004.tar: tar not found"
 
 
 def test_json_sizes_that_disagree_with_the_image_headers_are_replaced_by_the_headers(tmp_path):
