@@ -78,6 +78,19 @@ def read_back(meta: str, storage_options: dict | None = None) -> dict[str, tuple
     return out
 
 
+def assert_one_process_trains_as_two_ranks(tmp_path, data, steps: int, lanes: int) -> None:
+    """The tiny demo model trained on `data` in this process and on 2 ranks (dp_shard=2): the same losses."""
+    extra = (f"train.steps={steps}", f"data.lanes={lanes}")
+    one = train(tiny_config(tmp_path / "one", data, *extra)).run_dir
+    overrides = tiny_overrides(tmp_path / "two", data, *extra, "parallel.dp_shard=2")
+    run_ranks(["-m", "pixelflow", "train", "configs/demo.yaml", *overrides], 2)
+    losses = [
+        [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+        for run in (one, tmp_path / "two")
+    ]
+    assert len(losses[0]) == steps and np.allclose(losses[0], losses[1], atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("labels", [True, False])
 def test_shardwriter_tars_with_folders_in_member_names_train_in_place_on_one_and_two_ranks(tmp_path, labels):
@@ -91,14 +104,7 @@ def test_shardwriter_tars_with_folders_in_member_names_train_in_place_on_one_and
     kept = {key: (v["label"], v["caption"]) for key, v in written.items() if int(key[-4:]) % 4 != 3}
     assert read_back(meta) == kept  # keys with folders, labels and captions as the tars hold them
 
-    one = train(tiny_config(tmp_path / "one", meta, "train.steps=4", "data.lanes=4")).run_dir
-    overrides = tiny_overrides(tmp_path / "two", meta, "train.steps=4", "data.lanes=4", "parallel.dp_shard=2")
-    run_ranks(["-m", "pixelflow", "train", "configs/demo.yaml", *overrides], 2)
-    losses = [
-        [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
-        for run in (one, tmp_path / "two")
-    ]
-    assert len(losses[0]) == 4 and np.allclose(losses[0], losses[1], atol=1e-5, rtol=0)
+    assert_one_process_trains_as_two_ranks(tmp_path, meta, steps=4, lanes=4)
 
 
 def test_tars_on_s3_index_with_the_metadata_in_another_bucket_and_stay_untouched(tmp_path, s3_endpoint):
@@ -263,14 +269,7 @@ def test_img2dataset_output_trains_in_place_with_its_labels_and_captions(tmp_pat
     ]
     assert read_back(str(out)) == written
 
-    one = train(tiny_config(tmp_path / "one", out, "train.steps=3", "data.lanes=3")).run_dir
-    overrides = tiny_overrides(tmp_path / "two", out, "train.steps=3", "data.lanes=3", "parallel.dp_shard=2")
-    run_ranks(["-m", "pixelflow", "train", "configs/demo.yaml", *overrides], 2)
-    losses = [
-        [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
-        for run in (one, tmp_path / "two")
-    ]
-    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], atol=1e-5, rtol=0)
+    assert_one_process_trains_as_two_ranks(tmp_path, out, steps=3, lanes=3)
 
 
 @pytest.mark.slow
