@@ -198,6 +198,7 @@ def scan_tar(job: TarJob, verify_all: bool) -> tuple[list[SampleEntry] | None, C
     counts: Counter = Counter()
     inputs = 0
     current: dict | None = None
+    conditions = job.options.conditions()
 
     def finish(sample: dict | None) -> bool:
         nonlocal inputs
@@ -205,7 +206,7 @@ def scan_tar(job: TarJob, verify_all: bool) -> tuple[list[SampleEntry] | None, C
             return True
         inputs += 1
         verify = None if verify_all else inputs % job.options.verify_every == 1
-        entry, problem = judge(sample, job.options, verify)
+        entry, problem = judge(sample, job.options, conditions, verify)
         if problem == "size_mismatch" and not verify_all:
             return False
         if problem:
@@ -240,7 +241,9 @@ def scan_tar(job: TarJob, verify_all: bool) -> tuple[list[SampleEntry] | None, C
     return entries, counts, inputs
 
 
-def judge(sample: dict, options: IndexOptions, verify: bool | None) -> tuple[SampleEntry | None, str | None]:
+def judge(
+    sample: dict, options: IndexOptions, conditions: list[tuple[str, str, float]], verify: bool | None
+) -> tuple[SampleEntry | None, str | None]:
     """(its index entry, None) or (None, why it is skipped). verify: check the json's size against the
     image header (a mismatch is "size_mismatch"); None: take every size from the header."""
     members, key = sample["members"], sample["key"]
@@ -272,7 +275,7 @@ def judge(sample: dict, options: IndexOptions, verify: bool | None) -> tuple[Sam
         return None, "too_small"
     if options.max_aspect and max(width, height) / min(width, height) > options.max_aspect:
         return None, "too_elongated"
-    for name, op, number in options.conditions():
+    for name, op, number in conditions:  # options.conditions(), parsed once per tar
         value = meta.get(name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not COMPARE[op](value, number):
             return None, f"where_{name}"

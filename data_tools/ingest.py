@@ -255,12 +255,17 @@ def list_remote_items(
         return "too_large_file" if found[path].get("size", 0) > options.max_file_mb * 2**20 else None
 
     if kind == "imagefolder":
-        classes = sorted({path[len(root) + 1 :].split("/")[0] for path in images if "/" in path[len(root) + 1 :]})
-        items = []
-        for label, name in enumerate(classes):
-            for path in (p for p in images if p.startswith(f"{root}/{name}/")):
-                key = sanitize_key(f"{name}-{Path(path[len(root) + len(name) + 2 :]).with_suffix('')}")
-                items.append(Item(key, scheme + path, name, label, too_large(path)))
+        by_class: dict[str, list[tuple[str, str]]] = {}  # class -> (object path, path inside the class), one pass
+        for path in images:
+            name, _, inside = path[len(root) + 1 :].partition("/")
+            if inside:
+                by_class.setdefault(name, []).append((path, inside))
+        classes = sorted(by_class)
+        items = [
+            Item(sanitize_key(f"{name}-{Path(inside).with_suffix('')}"), scheme + path, name, label, too_large(path))
+            for label, name in enumerate(classes)
+            for path, inside in by_class[name]
+        ]
         return items, classes
     wanted = [str(Path(path).with_suffix(".txt")) for path in images]
     present = [w for w in wanted if w in sidecars]
