@@ -98,11 +98,44 @@ class CascadeConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a mixture (`data.sources`): each step's global batch takes `weight / sum of weights`
+    of its samples from it (floor or ceiling)."""
+
+    path: str = MISSING  # directory (or s3://bucket/prefix) holding manifest.json (and its shards or their index)
+    weight: float = 1.0
+    name: str = ""  # in metrics as loss_source_<name>; default: the path's last folder
+    embeddings: str | None = None  # its precomputed caption embeddings (default: <path>/text-embeddings)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def problem(self) -> tuple[str, str] | None:
+        return failed(
+            [
+                (bool(self.path), "path", "must name a dataset directory or s3:// prefix"),
+                (
+                    math.isfinite(self.weight) and self.weight > 0,
+                    "weight",
+                    f"= {self.weight} must be a positive number",
+                ),
+                (
+                    bool(re.fullmatch(r"[\w.-]+", self.label)),
+                    "name",
+                    f"= '{self.label}' must be letters, digits, _ . -",
+                ),
+            ]
+        )
+
+
+@dataclass
 class DataConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "resize_filter": ("bicubic", "lanczos")
     }  # allowed values: checked, and named in errors
-    path: str = MISSING  # directory (or s3://bucket/prefix) holding manifest.json and the shards
+    path: str = ""  # directory (or s3://bucket/prefix) holding manifest.json and the shards
+    sources: list[SourceConfig] = field(default_factory=list)  # instead of path: a mixture of datasets
     resolution: int = 256
     num_workers: int = 2
     shuffle_block: int = 1000  # samples shuffled together inside one reading lane
@@ -119,23 +152,50 @@ class DataConfig:
 
     def problem(self) -> tuple[str, str] | None:
         """This section's first impossible value as (key within the section, reason), or None."""
-        return failed(
-            [
-                (self.num_workers >= 0, "num_workers", f"= {self.num_workers} must not be negative"),
-                (self.shuffle_block >= 1, "shuffle_block", f"= {self.shuffle_block} must be at least 1"),
-                (self.lanes >= 0, "lanes", f"= {self.lanes} must not be negative"),
-                (self.retries >= 1, "retries", f"= {self.retries} must be at least 1"),
-                (self.retry_wait >= 0, "retry_wait", f"= {self.retry_wait} must not be negative"),
-                (
-                    self.max_pixels >= self.resolution**2,
-                    "max_pixels",
-                    f"= {self.max_pixels} must be at least resolution^2",
-                ),
-                (0 <= self.max_bad_fraction < 1, "max_bad_fraction", f"= {self.max_bad_fraction} must be in [0, 1)"),
-                (1.0 <= self.expand_ratio <= 4.0, "expand_ratio", f"= {self.expand_ratio} must be in [1, 4]"),
-                (bool(self.path), "path", "must name a dataset directory or s3:// prefix"),
-            ]
+        return (
+            failed(
+                [
+                    (self.num_workers >= 0, "num_workers", f"= {self.num_workers} must not be negative"),
+                    (self.shuffle_block >= 1, "shuffle_block", f"= {self.shuffle_block} must be at least 1"),
+                    (self.lanes >= 0, "lanes", f"= {self.lanes} must not be negative"),
+                    (self.retries >= 1, "retries", f"= {self.retries} must be at least 1"),
+                    (self.retry_wait >= 0, "retry_wait", f"= {self.retry_wait} must not be negative"),
+                    (
+                        self.max_pixels >= self.resolution**2,
+                        "max_pixels",
+                        f"= {self.max_pixels} must be at least resolution^2",
+                    ),
+                    (
+                        0 <= self.max_bad_fraction < 1,
+                        "max_bad_fraction",
+                        f"= {self.max_bad_fraction} must be in [0, 1)",
+                    ),
+                    (1.0 <= self.expand_ratio <= 4.0, "expand_ratio", f"= {self.expand_ratio} must be in [1, 4]"),
+                    (bool(self.path) or bool(self.sources), "path", "must name a dataset directory or s3:// prefix"),
+                    (
+                        not (self.path and self.sources),
+                        "sources",
+                        "and data.path are two ways to name the data: give one",
+                    ),
+                ]
+            )
+            or self.sources_problem()
         )
+
+    def sources_problem(self) -> tuple[str, str] | None:
+        """The first impossible value among the mixture's sources, or None."""
+        labels = [source.label for source in self.sources]
+        for index, source in enumerate(self.sources):
+            found = source.problem()
+            if found is not None:
+                return f"sources.{index}.{found[0]}", found[1]
+            if labels.index(labels[index]) != index:
+                return f"sources.{index}.name", f"= '{labels[index]}' names two sources (give each its own name)"
+        return None
+
+    def datasets(self) -> list[SourceConfig]:
+        """The sources a run reads: the mixture, or data.path as the one source."""
+        return list(self.sources) if self.sources else [SourceConfig(path=self.path)]
 
 
 @dataclass
@@ -613,6 +673,11 @@ def across_sections(cfg: Config) -> Problem | None:
                 f"must have one value per stage ({c.stages})",
             ),
             (not m.text_dim or len(cfg.sample.prompts) > 0, "sample.prompts", "must name at least one prompt"),
+            (
+                not (d.sources and cfg.text.embeddings),
+                "text.embeddings",
+                "names one dataset's embeddings: with data.sources give each source its own (sources.N.embeddings)",
+            ),
             (bool(cfg.resume), "resume", "must be auto, none or a checkpoint path"),
             (bool(cfg.run_dir), "run_dir", "must name a directory"),
         ]
@@ -652,13 +717,13 @@ def redacting(cfg: Config) -> Iterator[None]:
 def _env_interpolations(node, prefix: str = "") -> dict[str, str]:
     """{dotted key: interpolation text} of every value that reads the environment."""
     found = {}
-    for key in node:
+    for key in range(len(node)) if OmegaConf.is_list(node) else node:  # lists too: data.sources' paths
         path = f"{prefix}{key}"
         if OmegaConf.is_interpolation(node, key):
             text = str(node._get_node(key)._value())
             if "oc.env" in text:
                 found[path] = text
-        elif OmegaConf.is_dict(node._get_node(key)):
+        elif OmegaConf.is_config(child := node._get_node(key)) and not (child._is_none() or child._is_missing()):
             found.update(_env_interpolations(node[key], path + "."))
     return found
 

@@ -247,7 +247,7 @@ def test_a_two_rank_checkpoint_reshards_exactly_and_training_continues(
         trained += [key for line in log.open() for key in json.loads(line)["keys"]]
     data_state = json.loads((run_dir / "checkpoints" / "step_00000009" / "state.json").read_text())["train"]["data"]
     assert len(trained) == 9 * 8
-    assert sorted(trained) == sorted(lane_keys(shapes_dataset, 4, data_state["positions"]))
+    assert sorted(trained) == sorted(lane_keys(shapes_dataset, 4, data_state["sources"][0]["positions"]))
     assert np.unique(trained).size == len(trained)  # 72 of 192 samples: within one epoch, none twice
 
 

@@ -175,7 +175,7 @@ def test_config_changes_on_resume_are_logged_and_a_lane_change_is_refused(tmp_pa
     with pytest.raises(ConfigError) as error:
         train(tiny_config(run_dir, shapes_dataset, "train.steps=6", "data.lanes=4"))
     assert str(error.value) == (
-        f"data.lanes = 4 but {run_dir}/checkpoints/step_00000004 reads through 6 lanes, fixed at the run's first "
-        f"start (they fix the global batches): keep data.lanes = 6 (or 0), or start a new run_dir"
+        f"data.lanes = 4 but {run_dir}/checkpoints/step_00000004 reads {shapes_dataset} through 6 lanes, fixed at "
+        f"the run's first start (they fix the global batches): keep data.lanes = 6 (or 0), or start a new run_dir"
     )
     assert snapshot(run_dir) == before

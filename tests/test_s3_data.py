@@ -217,7 +217,8 @@ def test_elastic_resume_neither_repeats_nor_skips(s3_endpoint, s3_shapes, new_wo
     ]
     seen_after = Counter(key for data in after for key in take_keys(data, 5))
     end = merge_states([data.state_dict() for data in after])
-    settings = ReadSettings(s3_data(s3_shapes), after[0].manifest, 4, 7, s3_options(s3_endpoint.endpoint))
+    settings = ReadSettings(s3_data(s3_shapes), after[0].sources[0].manifest, 4, 7, s3_options(s3_endpoint.endpoint))
+    [middle], [end] = middle["sources"], end["sources"]
     expected_before, expected_after = Counter(), Counter()
     for lane in range(4):
         samples = LaneReader(settings, lane).samples(0)

@@ -41,8 +41,8 @@ def test_run_directory_holds_config_metrics_and_checkpoints(tmp_path, shapes_dat
     }
     state = json.loads((folder / "state.json").read_text())
     assert set(state) == {"model", "ema", "optimizer", "lr_schedule", "train"}
-    data = state["train"]["data"]  # 6 lanes (one per shard); 6 steps x 8 samples of them, none bad
-    assert state["train"]["step"] == 6 and data["num_lanes"] == 6 and sum(data["positions"]) == 48
+    [data] = state["train"]["data"]["sources"]  # 6 lanes (one per shard); 6 steps x 8 samples of them, none bad
+    assert state["train"]["step"] == 6 and data["num_lanes"] == 6 and sum(data["positions"]) == data["taken"] == 48
     assert records[1]["lr"] == pytest.approx(records[2]["lr"]) and records[0]["lr"] < records[1]["lr"]  # warmup 2
 
 

@@ -7,7 +7,8 @@ shuffles with a seeded permutation. A lane's sample sequence is therefore a pure
 integer per lane and a restart continues exactly, re-reading at most one block.
 
 The global batch of a step is defined by the lanes alone: its slot j takes the next decodable sample of
-lane ((step - 1) x batch + j) mod lanes. Lanes are dealt to data ranks and then to DataLoader workers, each
+lane ((step - 1) x batch + j) mod lanes (a mixture of datasets shares the batch out among them first, each
+with its own lanes: data/mixture.py). Lanes are dealt to data ranks and then to DataLoader workers, each
 of which reads the slots its lanes serve, so the batch's content and order are the same on any layout and
 any worker count (the trainer then moves each sample to the rank the planner gives it). Lanes run on into
 the next epoch, and a restart on a different number of ranks deals the same lanes out again from their
@@ -19,6 +20,7 @@ storage errors, while the block before it is being decoded.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -36,9 +38,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pixelflow.config import DataConfig
+from pixelflow.config import DataConfig, SourceConfig
 from pixelflow.data import text_store
 from pixelflow.data.decode import DecodeError, decode_crop
+from pixelflow.data.mixture import Mixture, check_mixable, saved_sources, schedule
 from pixelflow.data.shard_format import Manifest, SampleEntry, parse_sample, read_index, read_manifest
 from pixelflow.data.storage import filesystem, with_retries
 from pixelflow.data.storage import storage_options as storage_options_for
@@ -58,7 +61,7 @@ def lane_shards(num_shards: int, num_lanes: int, lane: int, seed: int, epoch: in
 class ReadSettings:
     """Everything a reading process needs; picklable, so DataLoader workers get it whole."""
 
-    data: DataConfig  # the path, crop, shuffling, retries and decoding: the config's section as it is
+    data: DataConfig  # the path (of this source), crop, shuffling, retries and decoding
     manifest: Manifest
     num_lanes: int
     seed: int
@@ -291,13 +294,8 @@ class ReadShare:
     keys: list[str]
     positions: dict[int, int]  # lane -> samples consumed once this share is used
     payloads: list[bytes] = field(default_factory=list)  # per sample: caption or embedding, when text travels
-
-
-def slot_lanes(step: int, batch_size: int, num_lanes: int) -> np.ndarray:
-    """The lane that serves each slot of a step's global batch: global sample (step-1) x batch + slot goes to
-    lane (that index mod lanes), which gives its next decodable sample. A function of (step, batch, lanes)
-    only, so the global batch is the same on any layout and any number of workers."""
-    return ((step - 1) * batch_size + np.arange(batch_size, dtype=np.int64)) % num_lanes
+    batch_lanes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (B,) every slot's lane
+    batch_sources: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (B,) and its source
 
 
 def caption_bytes(members: dict[str, bytes], field: str | None) -> bytes:
@@ -348,21 +346,29 @@ class ShardStream(IterableDataset):
     workers lines up with steps."""
 
     def __init__(
-        self, settings: ReadSettings, lanes: list[int], positions: dict[int, int], batch_size: int, first_step: int
+        self,
+        sources: list[ReadSettings],
+        mixture: Mixture,
+        lanes: list[int],
+        positions: dict[int, int],
+        taken: np.ndarray,
+        first_step: int,
     ):
         super().__init__()
-        self.settings, self.lanes, self.positions = settings, lanes, positions
-        self.batch_size, self.first_step = batch_size, first_step
+        self.sources, self.mixture, self.lanes, self.positions = sources, mixture, lanes, positions
+        self.taken, self.first_step = taken, first_step
 
     def __iter__(self) -> Iterator[ReadShare]:
         worker = get_worker_info()
         lanes = self.lanes if worker is None else self.lanes[worker.id :: worker.num_workers]
-        readers = {lane: LaneReader(self.settings, lane).samples(self.positions[lane]) for lane in lanes}
+        readers = {}
+        for lane in lanes:
+            source, own_lane = self.mixture.source_of(lane)
+            readers[lane] = LaneReader(self.sources[source], own_lane).samples(self.positions[lane])
         positions = {lane: self.positions[lane] for lane in lanes}
-        recent = BadShare(self.settings)
-        step = self.first_step
-        while True:
-            serving = slot_lanes(step, self.batch_size, self.settings.num_lanes)
+        recent = [BadShare(settings) for settings in self.sources]
+        for step_slots in schedule(self.mixture, self.first_step, self.taken):
+            serving = step_slots.lanes
             slots = np.flatnonzero(np.isin(serving, lanes))
             images, labels, keys, payloads = [], [], [], []
             for slot in slots:
@@ -370,7 +376,7 @@ class ShardStream(IterableDataset):
                 while True:  # the lane's next decodable sample
                     sample = next(readers[lane])
                     positions[lane] = sample.position + 1
-                    recent.add(sample)
+                    recent[step_slots.sources[slot]].add(sample)
                     if sample.image is not None:
                         break
                 images.append(sample.image)
@@ -378,15 +384,14 @@ class ShardStream(IterableDataset):
                 keys.append(sample.key)
                 payloads.append(sample.payload)
             yield ReadShare(
-                step,
+                step_slots.step,
                 slots,
-                _stack(images, self.settings.data.resolution),
+                _stack(images, self.sources[0].data.resolution),
                 torch.tensor(labels, dtype=torch.int64),
                 keys,
                 dict(positions),
                 payloads,
             )
-            step += 1
 
 
 DEFAULT_LANES = 16  # when data.lanes is 0 (at most one per shard): the same on every layout
@@ -419,13 +424,50 @@ def open_dataset(
     return manifest, num_lanes
 
 
+@dataclass(frozen=True)
+class OpenSource:
+    """One source of a run's data, opened: its manifest, lanes and, on resume, its saved reading state."""
+
+    source: SourceConfig
+    manifest: Manifest
+    num_lanes: int
+    storage_options: dict
+    saved: dict | None
+
+
+def open_sources(
+    data: DataConfig,
+    *,
+    num_classes: int,
+    state: dict | None,
+    storage_options: dict | None = None,
+    quiet: bool = True,
+) -> list[OpenSource]:
+    """Every source of the run's data (data.path, or each of data.sources) opened with `open_dataset`, and
+    checked to mix. `state`: a checkpoint's data state; `storage_options`: for every source (default: each
+    path's own); `quiet=False` says which sources a resume adds or drops."""
+    sources = data.datasets()
+    opened = []
+    for source, saved in zip(sources, saved_sources(sources, state, quiet=quiet)):
+        options = (
+            storage_options if storage_options is not None else storage_options_for(source.path, data.endpoint_url)
+        )
+        manifest, lanes = open_dataset(
+            source.path, options, data.retries, data.retry_wait, num_classes, data.lanes, saved
+        )
+        opened.append(OpenSource(source, manifest, lanes, options, saved))
+    check_mixable(sources, [one.manifest for one in opened])
+    return opened
+
+
 class DataStream:
     """One data rank's share of every step's global batch, plus the lane cursors a checkpoint needs.
 
-    The global batch of a step is fixed by (seed, step, lanes) alone (`slot_lanes`); this rank reads the
-    slots served by its lanes (lanes are dealt to the data ranks round-robin, then to DataLoader workers).
-    `state` is a previous `state_dict()` (merged over ranks); lanes then keep their count and cursors,
-    whatever the number of ranks now. `first_step` is the step the first share is for.
+    The global batch of a step is fixed by (seed, step, sources and their lanes) alone (data/mixture.py);
+    this rank reads the slots served by its lanes (the sources' lanes, numbered one after another, are dealt
+    to the data ranks round-robin, then to DataLoader workers). `state` is a previous `state_dict()` (merged
+    over ranks); lanes then keep their count and cursors, whatever the number of ranks now. `first_step` is
+    the step the first share is for. `embeddings`: text.embeddings (one dataset's precomputed embeddings).
     """
 
     def __init__(
@@ -443,15 +485,20 @@ class DataStream:
         num_classes: int = 0,
         first_step: int = 1,
         text: str = "",
-        embeddings: str = "",
+        embeddings: str | None = None,
         text_dim: int = 0,
     ):
-        if storage_options is None:
-            storage_options = storage_options_for(data.path, data.endpoint_url)
-        manifest, num_lanes = open_dataset(
-            data.path, storage_options, data.retries, data.retry_wait, num_classes, data.lanes, state
+        self.sources = open_sources(
+            data, num_classes=num_classes, state=state, storage_options=storage_options, quiet=rank != 0
         )
         self.num_classes = num_classes  # labels must lie in 0..num_classes-1 (0: unchecked)
+        self.mixture = Mixture(
+            global_batch,
+            tuple(one.source.weight for one in self.sources),
+            tuple(one.num_lanes for one in self.sources),
+            seed,
+        )
+        num_lanes = self.mixture.total_lanes
         if num_lanes < world_size and rank == 0:
             log.warning(
                 "%d reading lanes for %d data ranks: %d ranks read nothing and get their samples from the "
@@ -460,17 +507,30 @@ class DataStream:
                 world_size,
                 world_size - num_lanes,
             )
-        self.manifest, self.num_lanes, self.resolution = manifest, num_lanes, data.resolution
-        self.global_batch, self.step = global_batch, first_step
+        self.resolution, self.step = data.resolution, first_step
         self.lanes = list(range(rank, num_lanes, world_size))
-        saved = state["positions"] if state else [0] * num_lanes
+        saved = [p for one in self.sources for p in (one.saved["positions"] if one.saved else [0] * one.num_lanes)]
         self.positions = {lane: int(saved[lane]) for lane in self.lanes}
+        self.taken = np.array([taken_before(one.saved, first_step, global_batch) for one in self.sources])
+        self._slots = schedule(self.mixture, first_step, self.taken)
         num_workers = data.num_workers
         self.workers = max(min(num_workers, len(self.lanes)), 1) if self.lanes else 0
-        settings = ReadSettings(data, manifest, num_lanes, seed, storage_options, text, embeddings, text_dim)
+        settings = [
+            ReadSettings(
+                dataclasses.replace(data, path=one.source.path, sources=[]),
+                one.manifest,
+                one.num_lanes,
+                seed,
+                one.storage_options,
+                text,
+                text_store.embeddings_location(one.source.embeddings or embeddings, one.source.path),
+                text_dim,
+            )
+            for one in self.sources
+        ]
         self._iterator = None
         if self.lanes:
-            stream = ShardStream(settings, self.lanes, dict(self.positions), global_batch, first_step)
+            stream = ShardStream(settings, self.mixture, self.lanes, dict(self.positions), self.taken, first_step)
             self._loader = DataLoader(
                 stream,
                 batch_size=None,
@@ -493,8 +553,9 @@ class DataStream:
 
     def __next__(self) -> ReadShare:
         """This rank's samples of the next step's global batch (every worker's piece of it, by slot)."""
+        step_slots = next(self._slots)
         pieces = [self._next_piece() for _ in range(self.workers)]
-        assert all(piece.step == self.step for piece in pieces), "DataLoader workers out of step"
+        assert all(piece.step == self.step == step_slots.step for piece in pieces), "DataLoader workers out of step"
         slots = np.concatenate([p.slots for p in pieces]) if pieces else np.zeros(0, dtype=np.int64)
         order = np.argsort(slots, kind="stable")
         images = torch.cat([p.images for p in pieces]) if pieces else _stack([], self.resolution)
@@ -510,6 +571,8 @@ class DataStream:
             [keys[i] for i in order],
             {},
             [payloads[i] for i in order],
+            step_slots.lanes,
+            step_slots.sources,
         )
         if self.num_classes:
             bad = ((share.labels >= self.num_classes) | (share.labels < -1)).nonzero().flatten().tolist()
@@ -520,6 +583,7 @@ class DataStream:
                 )
         for piece in pieces:
             self.positions.update(piece.positions)
+        self.taken = step_slots.taken
         self.step += 1
         return share
 
@@ -531,18 +595,37 @@ class DataStream:
             shutdown()
 
     def state_dict(self) -> dict:
-        """Cursors of this rank's lanes (others 0: merge ranks' states with `merge_states`)."""
-        positions = [0] * self.num_lanes
-        for lane, position in self.positions.items():
-            positions[lane] = position
-        return {"num_lanes": self.num_lanes, "positions": positions}
+        """Per source: its name, lanes, the cursors of this rank's lanes (others 0: merge ranks' states with
+        `merge_states`) and the samples it has given."""
+        first = self.mixture.first_lanes
+        return {
+            "sources": [
+                {
+                    "name": one.source.label,
+                    "num_lanes": one.num_lanes,
+                    "positions": [self.positions.get(int(first[k]) + lane, 0) for lane in range(one.num_lanes)],
+                    "taken": int(self.taken[k]),
+                }
+                for k, one in enumerate(self.sources)
+            ]
+        }
+
+
+def taken_before(saved: dict | None, first_step: int, global_batch: int) -> int:
+    """Samples a source gave the steps before `first_step`: saved, or all of them for a state written before
+    mixtures (one source), or none for a source the run has not read."""
+    if saved is None:
+        return 0
+    return saved["taken"] if saved.get("taken") is not None else (first_step - 1) * global_batch
 
 
 def merge_states(states: list[dict]) -> dict:
     """One data state from every rank's: each lane's cursor comes from the rank that owned it."""
-    merged = dict(states[0])
-    merged["positions"] = [max(column) for column in zip(*(s["positions"] for s in states))]
-    return merged
+    merged = []
+    for entries in zip(*(state["sources"] for state in states)):
+        positions = [max(column) for column in zip(*(entry["positions"] for entry in entries))]
+        merged.append({**entries[0], "positions": positions})
+    return {"sources": merged}
 
 
 def _quiet_worker(ignore_signals: tuple[int, ...], _: int) -> None:

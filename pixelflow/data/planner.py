@@ -124,18 +124,24 @@ class StepPlan:
         )
 
 
-def stage_counts(settings: PlanSettings, step: int) -> np.ndarray:
-    """Samples per stage: floor of each share, the remainder to stages drawn by fractional part."""
-    weights = np.asarray(settings.weights, dtype=np.float64)
-    quota = settings.batch * weights / weights.sum()
+def exact_shares(total: int, weights: Sequence[float], key: list[int]) -> np.ndarray:
+    """`total` split by `weights`: the floor of each share, the remainder to parts drawn by fractional part
+    with the generator seeded by `key` (so every part gets the floor or the ceiling of its share)."""
+    parts = np.asarray(weights, dtype=np.float64)
+    quota = total * parts / parts.sum()
     counts = np.floor(quota + 1e-9).astype(np.int64)
-    remainder = settings.batch - int(counts.sum())
+    remainder = total - int(counts.sum())
     if remainder:
         fraction = np.clip(quota - counts, 0, None)
-        rng = np.random.default_rng([settings.seed, step, 0x5A4E])
-        chosen = rng.choice(settings.stages, size=remainder, replace=False, p=fraction / fraction.sum())
+        rng = np.random.default_rng(key)
+        chosen = rng.choice(len(parts), size=remainder, replace=False, p=fraction / fraction.sum())
         counts[chosen] += 1
     return counts
+
+
+def stage_counts(settings: PlanSettings, step: int) -> np.ndarray:
+    """Samples per stage: exact shares of the batch by the stage weights."""
+    return exact_shares(settings.batch, settings.weights, [settings.seed, step, 0x5A4E])
 
 
 def water_fill(loads: np.ndarray, cost: int, count: int) -> np.ndarray:

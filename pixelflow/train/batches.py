@@ -2,23 +2,24 @@
 the lane rule, the exchange that moves each sample to the rank that trains it, and the text conditioner,
 and yields one `UnitBatch` per step. Its state (every lane's cursor) is the data part of a checkpoint.
 
-The global batch of a step is a function of (seed, step) only, and the plan decides which unit trains
-which sample, so the same step trains the same samples on any layout (see data/planner.py)."""
+The global batch of a step is a function of (seed, step, sources) only, and the plan decides which unit
+trains which sample, so the same step trains the same samples on any layout (see data/mixture.py and
+data/planner.py)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pixelflow.config import Config
 from pixelflow.data.exchange import exchange
-from pixelflow.data.loader import DataStream, lane_reader, merge_states, slot_lanes
+from pixelflow.data.loader import DataStream, lane_reader, merge_states
 from pixelflow.data.planner import StepPlan, plan_settings, plan_step
-from pixelflow.data.text_store import embeddings_location
 from pixelflow.parallel.world import World
 from pixelflow.train.signals import signal_numbers
 from pixelflow.train.text_conditioning import TextConditioner, UnitText
@@ -36,6 +37,7 @@ class UnitBatch:
     labels: torch.Tensor  # (n,) int64, -1 = unlabelled
     text: UnitText | None = None  # caption embeddings, for text models
     keys: tuple[str, ...] = ()  # the keys this data rank read for the step (train.log_sample_keys)
+    sources: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (B,) every slot's source
     wait_s: float = 0.0  # blocked on the loader and the exchange
 
 
@@ -56,15 +58,14 @@ class Batches:
         share = next(self.stream)
         self.step += 1
         plan = plan_step(self.settings, self.step)
-        stream = self.stream
-        readers = lane_reader(slot_lanes(self.step, stream.global_batch, stream.num_lanes), self.world.dp_size)
+        readers = lane_reader(share.batch_lanes, self.world.dp_size)
         world, with_text = self.world, self.conditioner is not None
         images, labels, payloads = exchange(
             share, plan, readers, world.dp_rank, self.group, world.device, with_text, world.control
         )
         waited = time.perf_counter() - waiting
         text = self.conditioner.unit(payloads) if self.conditioner is not None else None
-        return UnitBatch(self.step, plan, images, labels, text, tuple(share.keys), waited)
+        return UnitBatch(self.step, plan, images, labels, text, tuple(share.keys), share.batch_sources, waited)
 
     def state_dict(self) -> dict:
         """Every lane's cursor (collective: the lanes are spread over the data ranks)."""
@@ -98,7 +99,7 @@ def open_stream(cfg: Config, world: World, state: dict | None, first_step: int) 
         num_classes=cfg.model.num_classes,
         first_step=first_step,
         text=text_payload(cfg),
-        embeddings=embeddings_location(cfg.text.embeddings, cfg.data.path) if cfg.model.text_dim else "",
+        embeddings=cfg.text.embeddings,
         text_dim=cfg.model.text_dim or 0,
     )
 

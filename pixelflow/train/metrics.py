@@ -103,8 +103,13 @@ class SampleKeyLog:
     """Which samples one data rank trained on at each step (`train.log_sample_keys`): an audit trail that
     shows no sample is repeated or skipped across restarts and layout changes."""
 
-    def __init__(self, run_dir: Path, dp_rank: int, start_step: int):
-        self._file = open_at_step(run_dir / "sample_keys" / f"dp_rank_{dp_rank:05d}.jsonl", start_step)
+    def __init__(self, run_dir: Path, dp_rank: int, start_step: int, dp_size: int):
+        folder = run_dir / "sample_keys"
+        self._file = open_at_step(folder / f"dp_rank_{dp_rank:05d}.jsonl", start_step)
+        if dp_rank == 0:  # a resume on fewer data ranks: the others' logs past the start are not theirs now
+            for path in sorted(folder.glob("dp_rank_*.jsonl")):
+                if path.stem[8:].isdigit() and int(path.stem[8:]) >= dp_size:
+                    split_at_step(path, start_step)
 
     def log(self, step: int, keys: Sequence[str]) -> None:
         self._file.write(json.dumps({"step": step, "keys": keys}) + "\n")
@@ -123,8 +128,8 @@ def _wandb_run_id(run_dir: Path) -> str:
 
 
 class LossWindow:
-    """Per-stage loss sums and step statistics since the last log, kept on the device (no host sync per
-    step); summed over ranks at log time."""
+    """Per-stage (and, for a mixture, per-source) loss sums and step statistics since the last log, kept on
+    the device (no host sync per step); summed over ranks at log time."""
 
     def __init__(
         self,
@@ -136,13 +141,16 @@ class LossWindow:
         compiled: bool = False,
         log_every: int = 1,
         last_step: int = 0,
+        sources: tuple[str, ...] = (),
     ):
         self.world, self.images_per_step, self.peak_tflops = world, images_per_step, peak_tflops
+        self.stages = stages
+        self.sources = sources if len(sources) > 1 else ()  # names of a mixture's sources: loss_source_<name>
         self.log_every, self.last_step = log_every, last_step
         self.compiled = compiled  # log the graphs dynamo has built (to compare with the shapes met)
         self.checkpoint_s = 0.0  # how long the newest checkpoint save held the loop
-        self.sums = torch.zeros(stages, device=world.device)
-        self.counts = torch.zeros(stages, device=world.device)
+        self.sums = torch.zeros(stages + len(self.sources), device=world.device)  # stages, then sources
+        self.counts = torch.zeros_like(self.sums)
         self.grad_norm = torch.zeros((), device=world.device)
         self.layouts: set = set()  # for the whole run: how many graphs a compiled model has built
         self.reset()
@@ -158,10 +166,12 @@ class LossWindow:
 
     def add(self, outcome: StepOutcome, plan: StepPlan | None = None) -> None:
         # an SP group's ranks hold shares of their samples' losses; TP ranks each hold the whole loss
-        if self.world.tp_rank == 0:
-            self.sums.index_add_(0, outcome.stages, outcome.per_sample.detach())
+        groups = [outcome.stages, *([outcome.sources + self.stages] if self.sources else [])]
         counted = 1.0 if self.world.sp_rank == 0 and self.world.tp_rank == 0 else 0.0
-        self.counts.index_add_(0, outcome.stages, torch.full_like(outcome.per_sample, counted))
+        for group in groups:
+            if self.world.tp_rank == 0:
+                self.sums.index_add_(0, group, outcome.per_sample.detach())
+            self.counts.index_add_(0, group, torch.full_like(outcome.per_sample, counted))
         self.grad_norm += outcome.grad_norm.detach().to(self.grad_norm.device)
         self.steps += 1
         self.count(outcome, plan)
@@ -197,12 +207,17 @@ class LossWindow:
         if self.world.distributed:
             dist.all_reduce(summed)
             dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        stages = len(self.sums)
-        sums, counts = summed[:stages].tolist(), summed[stages : 2 * stages].tolist()
-        busy_total, tokens, padding, wait_total = summed[2 * stages :].tolist()
+        groups, stages = len(self.sums), self.stages
+        sums, counts = summed[:stages].tolist(), summed[groups : groups + stages].tolist()
+        by_source = list(
+            zip(self.sources, summed[stages:groups].tolist(), summed[groups + stages : 2 * groups].tolist())
+        )
+        busy_total, tokens, padding, wait_total = summed[2 * groups :].tolist()
         busy_max, graphs, memory = largest.tolist()
         record = {"step": step, "loss": sum(sums) / max(sum(counts), 1.0)}
         record.update({f"loss_stage{i}": s / c for i, (s, c) in enumerate(zip(sums, counts)) if c > 0})
+        record.update({f"loss_source_{name}": s / c for name, s, c in by_source if c > 0})
+        record.update({f"share_source_{name}": c / max(sum(counts), 1.0) for name, _, c in by_source})
         record["grad_norm"] = self.grad_norm.item() / max(self.steps, 1)
         record["lr"] = lr
         record["img_per_s"] = steps * self.images_per_step / elapsed

@@ -6,7 +6,7 @@ behind.
 In order: the run directory (a directory, writable, not in use by another run), where the run starts (the
 resume choice, the source's integrity, its model shape, its engine, config keys that differ and lanes that
 cannot change), the text source (encoder folder or precomputed embeddings), and the dataset (manifest,
-classes, shards for the lanes).
+classes, shards for the lanes, of each source of a mixture, which must be of one kind).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import os
 from pathlib import Path
 
 from pixelflow.config import Config
-from pixelflow.data.loader import open_dataset
-from pixelflow.data.storage import storage_options
+from pixelflow.data.loader import open_sources
 from pixelflow.errors import ConfigError
 from pixelflow.train.engines import checkpoint_part_names
 from pixelflow.train.run_directory import RunLock, StartPlan, config_changes, plan_start
@@ -52,9 +51,5 @@ def preflight(cfg: Config, lock: RunLock | None = None, checksums: bool = True) 
         plan = dataclasses.replace(plan, changes=config_changes(cfg, plan))
     if cfg.model.text_dim:
         check_text_source(cfg)
-    options = storage_options(cfg.data.path, cfg.data.endpoint_url)
-    num_classes = cfg.model.num_classes
-    open_dataset(
-        cfg.data.path, options, cfg.data.retries, cfg.data.retry_wait, num_classes, cfg.data.lanes, plan.data_state
-    )
+    open_sources(cfg.data, num_classes=cfg.model.num_classes, state=plan.data_state)
     return plan

@@ -31,6 +31,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pixelflow.config import Config, to_yaml
+from pixelflow.data.mixture import saved_sources
 from pixelflow.errors import CheckpointError, ConfigError
 from pixelflow.records import read_records, split_at_step, write_lines
 from pixelflow.weights import (
@@ -251,12 +252,13 @@ def config_changes(cfg: Config, plan: StartPlan) -> list[str]:
     the run continues from; a changed data.lanes, which cannot take effect, is refused."""
     if plan.source is None or not plan.source.full:
         return []
-    if plan.data_state and cfg.data.lanes and cfg.data.lanes != plan.data_state["num_lanes"]:
-        raise ConfigError(
-            f"data.lanes = {cfg.data.lanes} but {plan.source.path} reads through {plan.data_state['num_lanes']} lanes, "
-            f"fixed at the run's first start (they fix the global batches): keep data.lanes = "
-            f"{plan.data_state['num_lanes']} (or 0), or start a new run_dir"
-        )
+    for source, saved in zip(cfg.data.datasets(), saved_sources(cfg.data.datasets(), plan.data_state)):
+        if saved and cfg.data.lanes and cfg.data.lanes != saved["num_lanes"]:
+            raise ConfigError(
+                f"data.lanes = {cfg.data.lanes} but {plan.source.path} reads {source.path} through "
+                f"{saved['num_lanes']} lanes, fixed at the run's first start (they fix the global batches): keep "
+                f"data.lanes = {saved['num_lanes']} (or 0), or start a new run_dir"
+            )
     saved = flat_config((plan.source.path / CONFIG).read_text())
     now = flat_config(to_yaml(cfg))
     keys = sorted((set(saved) | set(now)) - {"resume"})

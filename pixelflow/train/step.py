@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pixelflow.cascade import CascadeSchedule, build_training_batch, per_sequence_mse
@@ -49,6 +50,7 @@ class StepOutcome:
 
     per_sample: torch.Tensor  # (n,) this rank's share of each of its samples' loss
     stages: torch.Tensor  # (n,) their stages
+    sources: torch.Tensor  # (n,) and their sources (data.sources; 0 for one dataset)
     grad_norm: torch.Tensor
     busy: BusyTime  # forward/backward time on this rank
     tokens: int  # tokens this rank ran, padding included
@@ -117,9 +119,10 @@ class StepRunner:
                 f"but the step runs on {device}"
             )
         row_of = {int(sample): row for row, sample in enumerate(plan.samples_of(unit))}
+        source_of = batch.sources if len(batch.sources) else np.zeros(plan.settings.batch, dtype=np.int64)
         labels = torch.where(labels < 0, torch.full_like(labels, self.null_class), labels)
         scale = world.gradient_ranks / plan.settings.batch
-        losses, stage_ids, layouts = [], [], set()
+        losses, stage_ids, source_ids, layouts = [], [], [], set()
         tokens = padding = 0
         busy = BusyTime(device)
         micro_batches = plan.micro_batches(unit)
@@ -168,8 +171,11 @@ class StepRunner:
             if len(samples):
                 losses.append(per_sample.detach())
                 stage_ids.append(pairs.stages)
+                source_ids.append(to_device(torch.from_numpy(source_of[samples[pairs.order]]), device))
         busy.stop()
         if not losses:
-            losses, stage_ids = [torch.zeros(0, device=device)], [torch.zeros(0, dtype=torch.int64, device=device)]
+            none = torch.zeros(0, dtype=torch.int64, device=device)
+            losses, stage_ids, source_ids = [torch.zeros(0, device=device)], [none], [none]
         grad_norm = engine.step(skip_nonfinite=self.skip_nonfinite)
-        return StepOutcome(torch.cat(losses), torch.cat(stage_ids), grad_norm, busy, tokens, padding, layouts)
+        ids = torch.cat(stage_ids), torch.cat(source_ids)
+        return StepOutcome(torch.cat(losses), *ids, grad_norm, busy, tokens, padding, layouts)

@@ -52,16 +52,26 @@ class UnitText:
 
 
 def read_embeddings_info(cfg: Config) -> np.ndarray:
-    """The empty caption's (L, D) embedding of the precomputed embeddings, checked against model.text_dim."""
-    location = embeddings_location(cfg.text.embeddings, cfg.data.path)
-    fs, base = filesystem(location, **storage_options(location, cfg.data.endpoint_url))
-    info, empty = read_info(fs, base)
-    if int(info["dim"]) != cfg.model.text_dim:
-        raise ConfigError(
-            f"model.text_dim = {cfg.model.text_dim} but the embeddings in {location} ({info['encoder']}) are "
-            f"{info['dim']}-wide tokens"
-        )
-    return empty
+    """The empty caption's (L, D) embedding of the precomputed embeddings (a mixture's first source's), each
+    source's checked against model.text_dim and against the first source's encoder."""
+    first = None
+    for source in cfg.data.datasets():
+        location = embeddings_location(source.embeddings or cfg.text.embeddings, source.path)
+        fs, base = filesystem(location, **storage_options(location, cfg.data.endpoint_url))
+        info, empty = read_info(fs, base)
+        if int(info["dim"]) != cfg.model.text_dim:
+            raise ConfigError(
+                f"model.text_dim = {cfg.model.text_dim} but the embeddings in {location} ({info['encoder']}) are "
+                f"{info['dim']}-wide tokens"
+            )
+        if first is not None and info["encoder"] != first[1]:
+            raise ConfigError(
+                f"{location}: embeddings of {info['encoder']}, but {first[0]} holds {first[1]}'s: the sources of a "
+                f"mixture need one encoder's embeddings"
+            )
+        first = first or (location, info["encoder"], empty)
+    assert first is not None  # a run reads at least one source
+    return first[2]
 
 
 def check_text_source(cfg: Config) -> None:

@@ -199,7 +199,7 @@ def _train(cfg: Config, world: World) -> RunResult:
             metrics = MetricsLogger(run_dir, cfg.wandb, {"config": to_yaml(cfg)}, step, cfg.train.steps)
             cleanup.callback(metrics.close)
         if cfg.train.log_sample_keys and world.sp_rank == 0:
-            keys = SampleKeyLog(run_dir, world.dp_rank, step)
+            keys = SampleKeyLog(run_dir, world.dp_rank, step, world.dp_size)
             cleanup.callback(keys.close)
         window = LossWindow(
             cfg.cascade.stages,
@@ -209,6 +209,7 @@ def _train(cfg: Config, world: World) -> RunResult:
             compiled=compile_enabled(cfg, world.device.type),
             log_every=cfg.train.log_every,
             last_step=cfg.train.steps,
+            sources=tuple(source.label for source in cfg.data.datasets()),
         )
         samples = periodic_samples(cfg, world, run_dir, batches.conditioner)
         runner = StepRunner(cfg, world, engine)
