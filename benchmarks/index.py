@@ -4,14 +4,18 @@
 
     python benchmarks/index.py --shards 16 --per-shard 200 --workers 1 2
 
-`energon prepare` (Megatron-Energon) is the anchor the issue names; it is not a dependency here, so its
-figure is not measured by this script.
+Beside them, `energon prepare` (Megatron-Energon, a benchmark-only dependency: `pip install
+megatron-energon`) on the same local tars, run in this process (its command, non-interactive, no
+dataset.yaml), so neither side pays an interpreter start. Energon's remote paths go through
+multi-storage-client profiles, not fsspec, so its S3 figure is not taken here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib.util
 import io
 import os
 import sys
@@ -62,6 +66,16 @@ def plain_scan(folder: str, options: dict) -> None:
                         member.read()
 
 
+def energon_prepare(folder: str, workers: int) -> None:
+    """`energon prepare FOLDER` as its command line runs it (it writes .tar.idx files and .nv-meta/ in place)."""
+    from megatron.energon.cli.main import main as energon
+
+    arguments = ["prepare", folder, "--non-interactive", "--split-ratio", "1,0,0", "--skip-dataset-yaml"]
+    arguments += ["--num-workers", str(workers), "--no-progress", "--force-overwrite"]
+    with contextlib.redirect_stdout(io.StringIO()):  # it describes the dataset on stdout; ours is JSON lines
+        energon.main(arguments, standalone_mode=False)
+
+
 def measure(name: str, run, shards: int, total: int, **extra) -> None:
     start = time.perf_counter()
     run()
@@ -95,6 +109,9 @@ def main() -> None:
                     workers=workers,
                     samples=args.shards * args.per_shard,
                 )
+                if place == "local" and importlib.util.find_spec("megatron.energon") is not None:
+                    run = functools.partial(energon_prepare, folder, workers)
+                    measure("energon prepare, local", run, args.shards, total, workers=workers)
 
 
 if __name__ == "__main__":

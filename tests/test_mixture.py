@@ -253,3 +253,18 @@ def test_a_data_state_written_before_mixtures_resumes_the_same(shapes_dataset):
             next(reference)
         for _ in range(3):
             assert next(resumed).keys == next(reference).keys
+
+
+def test_each_source_reads_its_captions_its_own_way(tmp_path, shapes_dataset, second_dataset):
+    """Captions travel from every source, each read as its manifest says (.txt, or a field of the .json)."""
+    from_json = tmp_path / "from_json"
+    shutil.copytree(second_dataset, from_json)
+    fs, root = filesystem(str(from_json))
+    manifest = read_manifest(fs, root)
+    (from_json / "manifest.json").write_text(
+        Manifest(manifest.shards, manifest.num_classes, caption_field="source").to_json()
+    )
+    data = mixture(shapes_dataset, from_json, lanes=2)
+    share = next(DataStream(data, global_batch=8, seed=4, text="captions"))
+    assert [p.startswith(b"a ") for p in share.payloads[:6]] == [True] * 6
+    assert share.payloads[6:] == [b"synthetic"] * 2  # the json's "source" field
