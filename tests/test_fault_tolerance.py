@@ -41,6 +41,14 @@ def torchrun(procs: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
 
 
+def start_torchrun(args: list[str], procs: int = 2) -> subprocess.Popen:
+    """torchrun with `procs` ranks in the background, quiet, in a session of its own (for kill_tree)."""
+    command = torchrun(procs) + ["--master_port", str(free_port())] + args
+    return subprocess.Popen(
+        command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+
+
 def run_to_end(args: list[str], procs: int = 2) -> None:
     done = subprocess.run(
         torchrun(procs) + ["--master_port", str(free_port())] + args,
@@ -113,14 +121,7 @@ def test_sigkill_at_any_moment_then_the_same_command_continues_the_same_trajecto
     run_dir = tmp_path / "run"
     args = train_args(run_dir, shapes_dataset, 8, f"checkpoint.async_save={moment == 'async_save'}")
     first = args if moment == "between_steps" else ["-m", "tests.stalled_commit", "4:600", *args[2:]]
-    job = subprocess.Popen(  # stalled: step 4's save has all its files written, its commit held back
-        torchrun(2) + ["--master_port", str(free_port())] + first,
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    job = start_torchrun(first)  # stalled: step 4's save has all its files written, its commit held back
     stalled = run_dir / "checkpoints" / ".step_00000004.tmp"
     try:
         if moment == "between_steps":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,8 @@ from pixelflow.data.mixture import Mixture, saved_sources, schedule
 from pixelflow.data.shard_format import Manifest, read_manifest
 from pixelflow.data.storage import filesystem
 from pixelflow.errors import ConfigError
-from tests.conftest import REPO, cli, error_lines, tiny_config, tiny_overrides
-from tests.test_fault_tolerance import ENV, free_port, kill_tree, logged_step, losses, run_to_end, torchrun, wait_for
+from tests.conftest import cli, error_lines, tiny_config, tiny_overrides
+from tests.test_fault_tolerance import kill_tree, logged_step, losses, run_to_end, start_torchrun, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -200,14 +199,7 @@ def test_a_mixture_resumes_exactly_after_sigkill_and_reshards_from_two_ranks_to_
 ):
     run_dir = tmp_path / "killed"
     args = mixture_args(run_dir, shapes_dataset, second_dataset, 8, "train.log_sample_keys=true")
-    job = subprocess.Popen(
-        torchrun(2) + ["--master_port", str(free_port())] + args,
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    job = start_torchrun(args)
     try:
         wait_for(lambda: logged_step(run_dir) >= 5, "step 5")
     finally:
