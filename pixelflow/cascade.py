@@ -136,7 +136,8 @@ def build_training_batch(
     class_dropout: float = 0.0,
     null_class: int = 0,
 ) -> TrainingBatch:
-    """Flow-matching pairs for uint8 images (B, C, R, R) with a stage per sample, on images' device.
+    """Flow-matching pairs for uint8 images (B, C, H, W) with a stage per sample, on images' device (H and W
+    multiples of patch_size x 2^(stages-1)).
 
     For a sample at stage s with noise n, position tau in [0, 1) inside the stage:
     end' = t_end*end + (1-t_end)*n, start' = t_start*start + (1-t_start)*n,
@@ -147,7 +148,7 @@ def build_training_batch(
     device = images.device
     steps = schedule.num_train_timesteps
     generator = torch.Generator(device=device)
-    tokens, targets, timesteps, stage_ids, sides, order, dropped = [], [], [], [], [], [], []
+    tokens, targets, timesteps, stage_ids, grids, order, dropped = [], [], [], [], [], [], []
     for stage in sorted(set(stages), reverse=True):
         members = [i for i, s in enumerate(stages) if s == stage]
         chosen = images.index_select(0, to_device(torch.tensor(members), device))
@@ -167,7 +168,7 @@ def build_training_batch(
         tokens.append(patchify(tau * end + (1.0 - tau) * start, patch_size))
         targets.append(patchify(end - start, patch_size))
         stage_ids += [stage] * len(members)
-        sides += [end.shape[-1] // patch_size] * len(members)
+        grids += [(end.shape[-2] // patch_size, end.shape[-1] // patch_size)] * len(members)
         order += members
     labels = labels.to(device).index_select(0, to_device(torch.tensor(order), device))
     draws = torch.cat(dropped)
@@ -176,7 +177,7 @@ def build_training_batch(
     return TrainingBatch(
         tokens=torch.cat(tokens),
         targets=torch.cat(targets),
-        layout=PackedLayout.from_sides(sides),
+        layout=PackedLayout.from_grids(grids),
         timesteps=torch.cat(timesteps),
         labels=labels,
         stages=to_device(torch.tensor(stage_ids), device),
@@ -202,7 +203,7 @@ def per_sequence_mse(
         if piece.first_sequence is None:
             continue
         first = piece.first_sequence if first is None else first
-        values.append(chunk.reshape(piece.count, -1).sum(1) / (piece.side**2 * channels))
+        values.append(chunk.reshape(piece.count, -1).sum(1) / (piece.grid[0] * piece.grid[1] * channels))
     held = torch.cat(values) if values else squared.new_zeros(0)
     first = first or 0
     return F.pad(held, (first, layout.num_sequences - first - held.shape[0]))
@@ -252,7 +253,7 @@ def sample(
     schedule: CascadeSchedule,
     labels: torch.Tensor | None,
     count: int,
-    resolution: int,
+    resolution: int | tuple[int, int],
     generator: torch.Generator | Sequence[torch.Generator],
     steps_per_stage: int | Sequence[int] = 30,
     guidance: Sequence[float] | None = None,
@@ -270,6 +271,7 @@ def sample(
     upsample, then renoise with correlated block noise. All per-step work stays on the device.
     on_steps(n) is told of every n solver steps done (a progress bar; a dopri5 stage counts as steps_per_stage).
     `generator` may be one per image: each image's noise is then the noise it gets sampled alone.
+    `resolution`: the final side, or (height, width) for a non-square image (multiples of 2^(stages-1)).
     """
     generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
     device = generators[0].device
@@ -281,8 +283,9 @@ def sample(
 
     steps = [steps_per_stage] * schedule.stages if isinstance(steps_per_stage, int) else list(steps_per_stage)
     guidance = list(guidance) if guidance is not None else [1.0] * schedule.stages
-    side = schedule.side(resolution, 0)
-    x = noise(lambda shape, own: torch.randn(shape, generator=own, device=device), (count, channels, side, side))
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    first = (count, channels, schedule.side(height, 0), schedule.side(width, 0))
+    x = noise(lambda shape, own: torch.randn(shape, generator=own, device=device), first)
     both_labels = None if labels is None else torch.cat([torch.full_like(labels, null_class), labels]).to(device)
     labels = None if labels is None else labels.to(device)
 

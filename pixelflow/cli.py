@@ -96,13 +96,14 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
-    from pixelflow.generate import checked_classes, generate, load_for_sampling, sampling_dtype, save_grid
+    from pixelflow.generate import checked_classes, checked_size, generate, load_for_sampling, sampling_dtype, save_grid
     from pixelflow.parallel.world import resolve_device
     from pixelflow.progress import Progress
 
     check_sample_arguments(args)
     device = resolve_device(args.device)
     model, cfg = load_for_sampling(args.checkpoint, args.weights, device, sampling_dtype(device))
+    size = checked_size(args.size, cfg)
     if args.compile != "none":
         from pixelflow.parallel.parallelize import apply_compile
 
@@ -124,7 +125,7 @@ def _sample(args: argparse.Namespace) -> None:
     scale = cfg.sample.guidance_scale if args.cfg is None else args.cfg
     solver = args.solver or cfg.sample.solver
     with torch.inference_mode(), Progress(steps * cfg.cascade.stages, "sample", "step") as bar:
-        images = generate(model, cfg, labels, count, args.seed, steps, scale, device, solver, prompts, bar.update)
+        images = generate(model, cfg, labels, count, args.seed, steps, scale, device, solver, prompts, bar.update, size)
     print(f"wrote {save_grid(images, args.out, columns)}")
 
 
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--cfg", type=float, help="final-stage CFG scale; 0 disables guidance (default: config)")
     sample.add_argument("--solver", choices=["euler", "dopri5"], help="default: the config's sample.solver")
+    sample.add_argument("--size", help="HEIGHTxWIDTH in pixels, e.g. 192x320 (default: the training resolution)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights (default ema)")
     sample.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -179,7 +179,7 @@ class OfficialAdapter:
         if latent_size is not None and bool((latent_size.float() != side).any()):
             raise ValueError(f"latent_size {latent_size.tolist()} differs from the token-grid side {side}")
         if pos_embed is not None:
-            expected = rope_table(side, self.model.cfg.head_dim, pos_embed.device)
+            expected = rope_table((side, side), self.model.cfg.head_dim, pos_embed.device)
             if pos_embed.shape != expected.shape or not torch.allclose(pos_embed.float(), expected, atol=1e-5):
                 raise ValueError("pos_embed is not the standard 2D RoPE grid the reference pipeline builds")
         if timestep is None:

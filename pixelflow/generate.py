@@ -56,6 +56,22 @@ def checked_classes(classes: list[int] | None, cfg: Config, default: int) -> lis
     return classes
 
 
+def checked_size(text: str | None, cfg: Config) -> tuple[int, int]:
+    """--size HxW (or N for N x N; default: the training resolution), in pixels, each side a multiple of
+    patch_size x 2^(stages-1) (every cascade stage halves both sides down to whole patches)."""
+    if text is None:
+        return cfg.data.resolution, cfg.data.resolution
+    parts = text.lower().split("x")
+    granule = cfg.model.patch_size * 2 ** (cfg.cascade.stages - 1)
+    sides = [int(part) for part in parts if part.isdigit()] if len(parts) <= 2 else []
+    if len(sides) != len(parts) or not all(side > 0 and side % granule == 0 for side in sides):
+        raise ConfigError(
+            f"--size {text}: must be HEIGHTxWIDTH (or one side) in pixels, each a positive multiple of "
+            f"{granule} (patch_size x 2^(stages-1) of this model)"
+        )
+    return (sides[0], sides[-1])
+
+
 def checked_prompts(texts: list[str]) -> list[str]:
     """The prompts a text-to-image model samples from: at least one."""
     if not texts:
@@ -117,11 +133,13 @@ def generate(
     solver: str = "euler",
     prompts: Prompts | None = None,
     on_steps: Callable[[int], None] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """(count, 3, R, R) uint8 images; labels (one per image) for class-conditional models, prompts (one per
-    image) for text-conditional ones. The model's own dtype sets the precision (bf16 weights on GPU; the
-    sampler keeps its state in float32). Class models ramp guidance up over the stages (the paper's
-    schedule); text models guide with a constant scale, as the official text-to-image pipeline does."""
+    """(count, 3, H, W) uint8 images (`size` (H, W); default: the training resolution's square); labels (one
+    per image) for class-conditional models, prompts (one per image) for text-conditional ones. The model's
+    own dtype sets the precision (bf16 weights on GPU; the sampler keeps its state in float32). Class models
+    ramp guidance up over the stages (the paper's schedule); text models guide with a constant scale, as the
+    official text-to-image pipeline does."""
     schedule = CascadeSchedule.build(cfg.cascade.stages, cfg.cascade.gamma, cfg.cascade.num_train_timesteps)
     seeds = [seed] if isinstance(seed, int) else seed  # one per image: each gets the noise it gets alone
     generator = [torch.Generator(device=device).manual_seed(one) for one in seeds]
@@ -148,7 +166,7 @@ def generate(
         schedule,
         conditions,
         count,
-        cfg.data.resolution,
+        size or cfg.data.resolution,
         generator,
         steps_per_stage,
         cfg_scales(cfg_scale, ramp),

@@ -82,7 +82,8 @@ def train(out: Path, overrides: list[str]) -> None:
 
 
 def attention(out: Path, sp: int) -> None:
-    """Sequences of 64..4096 tokens (sides 8..64), unsorted; compares output and input grads."""
+    """Sequences of 64..4096 tokens (sides 8..64) and two non-square grids, unsorted; compares output and
+    input grads."""
     import torch.distributed as dist
 
     from pixelflow.model import PackedLayout
@@ -93,14 +94,14 @@ def attention(out: Path, sp: int) -> None:
 
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY + [f"parallel.sp={sp}", "parallel.dp_shard=1"])
     world = init_world(cfg, "cpu")
-    layout = PackedLayout.from_sides([16, 64, 8, 32, 8, 16, 1])
+    layout = PackedLayout.from_grids([(16, 16), (64, 64), (6, 20), (8, 8), (32, 32), (20, 6), (8, 8), (16, 16), (1, 1)])
     heads, dim = 4, 8
     generator = torch.Generator().manual_seed(0)
     q, k, v, upstream = (torch.randn(layout.num_tokens, heads, dim, generator=generator) for _ in range(4))
     upstream = upstream.reshape(layout.num_tokens, heads * dim)
 
     def context(start, stop):
-        rope = {side: rope_table(side, dim) for side in set(layout.sides)}
+        rope = {grid: rope_table(grid, dim) for grid in set(layout.grids)}
         return StreamContext(
             layout, stream_pieces(layout, start, stop), layout.sequence_of_token(), layout.cu_seqlens(), rope
         )

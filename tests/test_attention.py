@@ -22,8 +22,8 @@ from pixelflow.model.layout import stream_pieces
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def stream(sides: list[int], heads: int, head_dim: int, device: str, dtype: torch.dtype, seed: int = 0):
-    layout = PackedLayout.from_sides(sides)
+def stream(grids: list[tuple[int, int]], heads: int, head_dim: int, device: str, dtype: torch.dtype, seed: int = 0):
+    layout = PackedLayout.from_grids(grids)
     generator = torch.Generator().manual_seed(seed)
     q, k, v, upstream = (torch.randn(layout.num_tokens, heads, head_dim, generator=generator) for _ in range(4))
     ctx = StreamContext(
@@ -31,7 +31,7 @@ def stream(sides: list[int], heads: int, head_dim: int, device: str, dtype: torc
         stream_pieces(layout),
         layout.sequence_of_token(device),
         layout.cu_seqlens(device),
-        {side: rope_table(side, head_dim, device) for side in set(sides)},
+        {grid: rope_table(grid, head_dim, device) for grid in set(layout.grids)},
     )
     tensors = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (q, k, v)]
     return ctx, tensors, upstream.to(device=device, dtype=dtype).reshape(layout.num_tokens, -1)
@@ -43,17 +43,21 @@ def run(core, ctx, tensors, upstream):
     return out.float(), [g.float() for g in grads]
 
 
+SQUARES = [(s, s) for s in (8, 1, 8, 2, 4, 2, 16, 1)]  # 64, 1, 64, 4, 16, 4, 256 and 1 tokens, unsorted
+ASPECTS = [(4, 8), (8, 4), (4, 8), (2, 3), (1, 16), (6, 6)]  # landscape, portrait, thin and square grids
+
+
+@pytest.mark.parametrize("grids", [SQUARES, ASPECTS], ids=["squares", "aspects"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_all_available_backends_agree_on_mixed_lengths(device):
-    sides = [8, 1, 8, 2, 4, 2, 16, 1]  # 64, 1, 64, 4, 16, 4, 256 and 1 tokens, unsorted
+def test_all_available_backends_agree_on_mixed_lengths(device, grids):
     heads, head_dim = 4, 16
     low = device == "cuda"  # CUDA kernels (varlen, flash, flex) are tested in bf16 against an fp32 reference
     dtype = torch.bfloat16 if low else torch.float32
     tolerance = 3e-2 if low else 1e-5
-    ctx, _, upstream = stream(sides, heads, head_dim, device, torch.float32)
-    reference = run(SdpaDenseAttention(), ctx, stream(sides, heads, head_dim, device, torch.float32)[1], upstream)
+    ctx, _, upstream = stream(grids, heads, head_dim, device, torch.float32)
+    reference = run(SdpaDenseAttention(), ctx, stream(grids, heads, head_dim, device, torch.float32)[1], upstream)
     for name in available_backends(device):
-        ctx, tensors, upstream_low = stream(sides, heads, head_dim, device, dtype)
+        ctx, tensors, upstream_low = stream(grids, heads, head_dim, device, dtype)
         out, grads = run(BACKENDS[name](), ctx, tensors, upstream_low)
         assert (out - reference[0]).abs().max().item() <= tolerance, name
         for got, want in zip(grads, reference[1]):

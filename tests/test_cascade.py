@@ -88,8 +88,11 @@ def test_training_pairs_match_hand_computed_values():
 
     assert batch.layout == PackedLayout.from_sides([4, 2])  # highest stage first
     assert batch.order == [1, 0] and batch.stages.tolist() == [1, 0] and batch.labels.tolist() == [4, 3]
-    x_top, x_low = unpatchify(batch.tokens[:16], 1, 4, 1)[0, 0], unpatchify(batch.tokens[16:], 1, 2, 1)[0, 0]
-    v_top, v_low = unpatchify(batch.targets[:16], 1, 4, 1)[0, 0], unpatchify(batch.targets[16:], 1, 2, 1)[0, 0]
+    x_top, x_low = unpatchify(batch.tokens[:16], 1, (4, 4), 1)[0, 0], unpatchify(batch.tokens[16:], 1, (2, 2), 1)[0, 0]
+    v_top, v_low = (
+        unpatchify(batch.targets[:16], 1, (4, 4), 1)[0, 0],
+        unpatchify(batch.targets[16:], 1, (2, 2), 1)[0, 0],
+    )
     assert torch.allclose(v_top, end_top_t - start_top_t, atol=1e-6)
     assert torch.allclose(x_top, tau_top * end_top_t + (1 - tau_top) * start_top_t, atol=1e-6)
     assert torch.allclose(v_low, end_low_t - start_low_t, atol=1e-6)
@@ -192,6 +195,18 @@ def test_sampler_follows_the_training_paths_exactly(stages):
         exact_velocity(target, schedule, 32), schedule, None, 3, 32, torch.Generator().manual_seed(0), steps_per_stage=5
     )
     assert (out - target).abs().max().item() < 1e-4
+
+
+def test_a_non_square_image_trains_and_samples_along_the_same_paths():
+    """Each stage halves both sides; with the exact velocity the sampler lands on a 32 x 64 target."""
+    schedule = CascadeSchedule.build(4)
+    images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
+    batch = build_training_batch(images, torch.tensor([0, 1]), [0, 3], schedule, 4, seed=1, step=1, sample_ids=[0, 1])
+    assert batch.layout == PackedLayout.from_grids([(8, 16), (1, 2)])  # top stage 32 x 64 px, bottom 4 x 8
+    target = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    velocity = exact_velocity(target, schedule, 64)
+    out = sample(velocity, schedule, None, 2, (32, 64), torch.Generator().manual_seed(0), steps_per_stage=5)
+    assert out.shape == (2, 3, 32, 64) and (out - target).abs().max().item() < 1e-4
 
 
 def test_zero_velocity_keeps_the_renoising_statistics():

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from pixelflow.config import to_yaml
@@ -19,7 +20,7 @@ from pixelflow.train.checkpoint import Checkpointer
 from pixelflow.train.engine import FsdpEngine
 from pixelflow.train.trainer import TrainProgress, train
 from pixelflow.weights import committed_checkpoints, read_weights, resolve_source
-from tests.conftest import cli, tiny_config, tiny_overrides
+from tests.conftest import cli, error_lines, tiny_config, tiny_overrides
 
 
 def losses(run_dir) -> list[float]:
@@ -221,3 +222,17 @@ def test_async_saves_name_their_staging_options_and_fall_back_to_sync_without_th
         result = train(cfg)
     assert [p.name for p in committed_checkpoints(result.run_dir / "checkpoints")] == ["step_00000003"]
     assert "no usable DefaultStager" in caplog.text and "saving synchronously" in caplog.text
+
+
+def test_a_square_model_samples_a_non_square_grid_of_the_requested_size(tmp_path, nine_steps):
+    out = tmp_path / "wide.png"
+    done = cli("pixelflow", "sample", "--checkpoint", str(nine_steps), "--out", str(out), "--size", "32x64",
+               "--classes", "0", "1", "--steps", "2")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with Image.open(out) as grid:  # two 32 x 64 images side by side, 2-pixel gutters
+        assert grid.size == (2 * 64 + 3 * 2, 32 + 2 * 2)
+    done = cli("pixelflow", "sample", "--checkpoint", str(nine_steps), "--out", str(out), "--size", "30x64")
+    assert error_lines(done.stderr) == [
+        "pixelflow: error: --size 30x64: must be HEIGHTxWIDTH (or one side) in pixels, each a positive multiple of "
+        "32 (patch_size x 2^(stages-1) of this model)"
+    ]

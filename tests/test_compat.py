@@ -43,7 +43,7 @@ def write_reference(directory, text_dim=None, classes=10, state=None):
 
 def test_reference_rope_grid_is_ours():
     for side in (1, 3, 8):
-        assert torch.allclose(reference_pos_embed(side, 72), rope_table(side, 72), atol=1e-6)
+        assert torch.allclose(reference_pos_embed(side, 72), rope_table((side, side), 72), atol=1e-6)
 
 
 @pytest.mark.parametrize("side", [1, 2, 4, 8])  # token-grid sides of the four stages of a 32-pixel model

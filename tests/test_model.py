@@ -48,28 +48,48 @@ def test_forward_shapes_for_every_stage(stage_pixels):
     assert model(tokens, layout, torch.rand(3) * 999, torch.tensor([0, 5, 10])).shape == tokens.shape
 
 
-def test_packed_stream_equals_per_sample_forward():
+@pytest.mark.parametrize(
+    "grids", [[(s, s) for s in (4, 1, 4, 2, 2, 8, 1, 8)], [(2, 3), (3, 2), (4, 4), (1, 6), (2, 3)]]
+)
+def test_packed_stream_equals_per_sample_forward(grids):
+    """Squares of several sides, then grids of several aspects (deliberately unsorted)."""
     model = randomised()
-    sides = [4, 1, 4, 2, 2, 8, 1, 8]  # token-grid sides, deliberately unsorted
-    images = [torch.randn(1, 3, 4 * s, 4 * s) for s in sides]
-    timesteps = torch.rand(len(sides)) * 999
-    labels = torch.randint(0, 11, (len(sides),))
-    layout = PackedLayout.from_sides(sides)
+    images = [torch.randn(1, 3, 4 * rows, 4 * cols) for rows, cols in grids]
+    timesteps = torch.rand(len(grids)) * 999
+    labels = torch.randint(0, 11, (len(grids),))
+    layout = PackedLayout.from_grids(grids)
     with torch.no_grad():
         packed = model(torch.cat([patchify(x, 4) for x in images]), layout, timesteps, labels)
         alone = [model.forward_images(x, timesteps[i : i + 1], labels[i : i + 1]) for i, x in enumerate(images)]
     start = 0
-    for i, side in enumerate(sides):
-        piece = unpatchify(packed[start : start + side * side], 1, side, 4)
+    for i, (rows, cols) in enumerate(grids):
+        piece = unpatchify(packed[start : start + rows * cols], 1, (rows, cols), 4)
         # equal up to rounding: relative to the outputs' magnitude (measured: at most 2.2e-6 over 40 seeds)
         assert (piece - alone[i]).abs().max().item() <= 1e-5 * alone[i].abs().max().item()
-        start += side * side
+        start += rows * cols
     assert start == packed.shape[0]
 
 
-def test_layout_groups_equal_sides_into_runs():
+def test_portrait_and_landscape_are_conditioned_apart_and_a_square_as_its_side():
+    features = sinusoidal_features(torch.tensor([[2.0, 3.0], [3.0, 2.0], [5.0, 5.0]]))
+    assert not torch.allclose(features[0], features[1])
+    assert torch.equal(features[2], sinusoidal_features(torch.tensor([5.0]))[0])  # the reference's, bit for bit
+    model = randomised()
+    with torch.no_grad():
+        landscape = model.forward_images(torch.ones(1, 3, 8, 12), torch.tensor([500.0]), torch.tensor([1]))
+        portrait = model.forward_images(torch.ones(1, 3, 12, 8), torch.tensor([500.0]), torch.tensor([1]))
+    assert landscape.shape == (1, 3, 8, 12) and portrait.shape == (1, 3, 12, 8)
+
+
+def test_layout_groups_equal_grids_into_runs():
+    layout = PackedLayout.from_grids([(2, 2), (2, 2), (1, 1), (2, 2), (1, 4)])
+    assert [(r.start, r.count, r.grid) for r in layout.runs] == [
+        (0, 2, (2, 2)),
+        (8, 1, (1, 1)),
+        (9, 1, (2, 2)),
+        (13, 1, (1, 4)),
+    ]
     layout = PackedLayout.from_sides([2, 2, 1, 2])
-    assert [(r.start, r.count, r.side) for r in layout.runs] == [(0, 2, 2), (8, 1, 1), (9, 1, 2)]
     assert layout.seqlens == [4, 4, 1, 4]
     assert layout.cu_seqlens().tolist() == [0, 4, 8, 9, 13]
     assert layout.sequence_of_token().tolist() == [0] * 4 + [1] * 4 + [2] + [3] * 4
@@ -81,7 +101,9 @@ def test_patchify_round_trip_and_channel_order():
     assert tokens.shape == (2 * 2 * 2, 3 * 16)
     assert torch.equal(tokens[0, :16], images[0, 0, :4, :4].reshape(-1))  # token 0: channel 0 patch first
     assert torch.equal(tokens[1, 16:32], images[0, 1, :4, 4:8].reshape(-1))  # token 1 is the patch to the right
-    assert torch.equal(unpatchify(tokens, 2, 2, 4), images)
+    assert torch.equal(unpatchify(tokens, 2, (2, 2), 4), images)
+    wide = torch.arange(3 * 8 * 12, dtype=torch.float32).reshape(1, 3, 8, 12)
+    assert torch.equal(unpatchify(patchify(wide, 4), 1, (2, 3), 4), wide)
 
 
 def test_sinusoidal_features_follow_the_reference_formula():
@@ -94,7 +116,7 @@ def test_sinusoidal_features_follow_the_reference_formula():
 
 def test_rope_scores_depend_only_on_relative_position():
     side, head_dim = 6, 16
-    table = rope_table(side, head_dim)
+    table = rope_table((side, side), head_dim)
     torch.manual_seed(0)
     q, k = torch.randn(head_dim), torch.randn(head_dim)
 
@@ -110,8 +132,15 @@ def test_rope_scores_depend_only_on_relative_position():
     assert torch.allclose(apply_rope(vectors, table).norm(dim=-1), vectors.norm(dim=-1), atol=1e-5)  # a rotation
 
 
+def test_a_rows_x_cols_rope_table_holds_the_square_tables_positions():
+    square, wide = rope_table((5, 5), 16), rope_table((2, 5), 16)
+    assert torch.equal(wide, square[: 2 * 5])  # row-major: the first two rows of the square
+    tall = rope_table((5, 2), 16)
+    assert torch.equal(tall, square.reshape(5, 5, 16, 2)[:, :2].reshape(10, 16, 2))
+
+
 def test_rope_first_half_encodes_columns():
-    table = rope_table(4, 16)
+    table = rope_table((4, 4), 16)
     cos = table[..., 0]
     same_column = cos[[0, 4, 8, 12]]  # tokens (row r, column 0)
     assert torch.allclose(same_column[:, :8], same_column[0, :8].expand(4, 8))

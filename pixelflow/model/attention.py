@@ -38,13 +38,13 @@ class StreamContext:
     pieces: tuple[Piece, ...]
     sequence_of_token: torch.Tensor  # (N,) int64: which sequence each token of the whole stream belongs to
     cu_seqlens: torch.Tensor  # (B+1,) int32 sequence starts, for varlen kernels
-    rope: dict[int, torch.Tensor]  # token-grid side -> (side*side, head_dim, 2) cos/sin table
+    rope: dict[tuple[int, int], torch.Tensor]  # token grid (rows, cols) -> (rows*cols, head_dim, 2) cos/sin table
     text: torch.Tensor | None = None  # (B, text_len, text_dim) text tokens for cross-attention
     text_bias: torch.Tensor | None = None  # (B, 1, 1, text_len) additive mask: 0 keep, -10000 padding
 
     def token_rope(self) -> torch.Tensor:
         """(N, head_dim, 2) rotary table for every token of the stream, for per-token kernels."""
-        return torch.cat([self.rope[run.side].repeat(run.count, 1, 1) for run in self.layout.runs])
+        return torch.cat([self.rope[run.grid].repeat(run.count, 1, 1) for run in self.layout.runs])
 
 
 class RMSNorm(nn.Module):
@@ -78,7 +78,7 @@ class SdpaRunsAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StreamContext) -> torch.Tensor:
         outputs = []
         for run in ctx.layout.runs:
-            table = ctx.rope[run.side]
+            table = ctx.rope[run.grid]
             q_run, k_run = apply_rope(run_view(q, run), table), apply_rope(run_view(k, run), table)
             outputs.append(from_run_view(F.scaled_dot_product_attention(q_run, k_run, run_view(v, run))))
         return cat_runs(outputs)
@@ -252,7 +252,7 @@ class CrossAttention(_Projections):
                 outputs.append(tokens.new_zeros(piece.tokens, q.shape[1] * q.shape[2]))
                 continue
             sequences = slice(piece.first_sequence, piece.first_sequence + piece.count)
-            table = ctx.rope[piece.side][piece.offset : piece.offset + piece.length]
+            table = ctx.rope[piece.grid][piece.offset : piece.offset + piece.length]
             q_piece = apply_rope(tokens.reshape(piece.count, piece.length, *q.shape[1:]).transpose(1, 2), table)
             bias = ctx.text_bias[sequences].to(q_piece.dtype) if ctx.text_bias is not None else None
             out = F.scaled_dot_product_attention(q_piece, k[sequences], v[sequences], attn_mask=bias)

@@ -3,6 +3,11 @@
 Both follow the public reference implementation exactly so converted checkpoints compute the same thing:
 sinusoidal features with [cos, sin] order and frequency exponent scaled by 1/(half - 1); RoPE with the first
 half of each head encoding the column and the second half the row, frequencies interleaved in pairs.
+
+The reference conditions on the side of a square grid. A rows x cols grid gives the cosines of its rows and
+the sines of its cols at the same frequencies: for a square, exactly the reference's features of its side
+(so square models and converted checkpoints are unchanged, with no new weights); otherwise both sides, in
+order, stay recoverable from the features (portrait and landscape differ).
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ SINUSOID_CHANNELS = 256
 
 
 def sinusoidal_features(values: torch.Tensor, channels: int = SINUSOID_CHANNELS, max_period: float = 10000.0):
-    """(B,) scalars -> (B, channels) float32 features [cos(v f), sin(v f)] with f_i = max_period^(-i/(half-1))."""
+    """(B,) scalars v -> (B, channels) float32 features [cos(v f), sin(v f)] with f_i = max_period^(-i/(half-1));
+    (B, 2) pairs (a, b), a token grid's (rows, cols) -> [cos(a f), sin(b f)] (a square's equal its side's)."""
     half = channels // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / (half - 1)
-    angles = values.float()[:, None] * torch.exp(exponent)[None, :]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    pairs = values.float().reshape(len(values), -1)
+    frequencies = torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(pairs[:, :1] * frequencies), torch.sin(pairs[:, -1:] * frequencies)], dim=-1)
 
 
 class ScalarEmbedder(nn.Module):
-    """Embeds a scalar (diffusion timestep or token-grid side) through sinusoids and a two-layer MLP."""
+    """Embeds a scalar (diffusion timestep) or a token grid's (rows, cols) through sinusoids and a two-layer
+    MLP."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -37,12 +45,13 @@ class ScalarEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features)))
 
 
-def rope_table(side: int, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(side*side, head_dim, 2) float32 [cos, sin] table for a row-major side x side token grid."""
+def rope_table(grid: tuple[int, int], head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(rows*cols, head_dim, 2) float32 [cos, sin] table for a row-major rows x cols token grid."""
     quarter = head_dim // 4
     freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float32)[:quarter] / (head_dim // 2)))
-    coords = torch.arange(side, dtype=torch.float32)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32), indexing="ij"
+    )
     angles = torch.cat(
         [torch.outer(cols.reshape(-1), freqs), torch.outer(rows.reshape(-1), freqs)], dim=1
     ).repeat_interleave(2, dim=1)

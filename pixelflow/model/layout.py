@@ -1,8 +1,9 @@
 """How sequences of different resolutions share one packed token stream.
 
-A packed stream concatenates the patch tokens of many square images (of any sizes) into one (N, C) tensor.
-Images of equal size sit next to each other as a `Run`, so attention and per-sample modulation can work
-on a whole run at once with a plain batched view instead of a per-sample loop.
+A packed stream concatenates the patch tokens of many images (of any sizes and aspect ratios: rows x cols
+token grids, row-major) into one (N, C) tensor. Images of equal grid sit next to each other as a `Run`, so
+attention and per-sample modulation can work on a whole run at once with a plain batched view instead of a
+per-sample loop.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ import torch
 
 @dataclass(frozen=True)
 class Run:
-    """`count` consecutive sequences, each a side x side token grid, starting at token `start`."""
+    """`count` consecutive sequences, each a rows x cols token grid, starting at token `start`."""
 
     start: int
     count: int
-    side: int
+    grid: tuple[int, int]  # (rows, cols)
     first_sequence: int
 
     @property
     def seqlen(self) -> int:
-        return self.side * self.side
+        return self.grid[0] * self.grid[1]
 
     @property
     def end(self) -> int:
@@ -36,25 +37,30 @@ class PackedLayout:
     runs: tuple[Run, ...]
 
     @staticmethod
-    def from_sides(sides: Sequence[int]) -> PackedLayout:
-        """Layout for sequences with the given token-grid sides, in that order."""
+    def from_grids(grids: Sequence[tuple[int, int]]) -> PackedLayout:
+        """Layout for sequences with the given (rows, cols) token grids, in that order."""
         runs: list[Run] = []
         start = 0
-        for index, side in enumerate(sides):
-            side = int(side)
-            if side < 1:
-                raise ValueError(f"token-grid side must be positive, got {side}")
-            if runs and runs[-1].side == side:
+        for index, (rows, cols) in enumerate(grids):
+            grid = (int(rows), int(cols))
+            if min(grid) < 1:
+                raise ValueError(f"token-grid sides must be positive, got {grid[0]} x {grid[1]}")
+            if runs and runs[-1].grid == grid:
                 last = runs[-1]
-                runs[-1] = Run(last.start, last.count + 1, side, last.first_sequence)
+                runs[-1] = Run(last.start, last.count + 1, grid, last.first_sequence)
             else:
-                runs.append(Run(start, 1, side, index))
-            start += side * side
+                runs.append(Run(start, 1, grid, index))
+            start += grid[0] * grid[1]
         return PackedLayout(tuple(runs))
 
+    @staticmethod
+    def from_sides(sides: Sequence[int]) -> PackedLayout:
+        """Layout for square sequences with the given token-grid sides, in that order."""
+        return PackedLayout.from_grids([(side, side) for side in sides])
+
     @property
-    def sides(self) -> list[int]:
-        return [run.side for run in self.runs for _ in range(run.count)]
+    def grids(self) -> list[tuple[int, int]]:
+        return [run.grid for run in self.runs for _ in range(run.count)]
 
     @property
     def seqlens(self) -> list[int]:
@@ -82,7 +88,7 @@ class PackedLayout:
 @dataclass(frozen=True)
 class Piece:
     """A stretch of the stream: `count` sequences from `first_sequence` on, `length` tokens of each,
-    starting `offset` tokens into each (a whole run has offset 0 and length side*side). A rank of a
+    starting `offset` tokens into each (a whole run has offset 0 and length rows*cols). A rank of a
     sequence-parallel group holds a slice of the stream, whose first and last pieces may be partial;
     `first_sequence` None marks padding."""
 
@@ -90,7 +96,7 @@ class Piece:
     count: int
     length: int
     offset: int
-    side: int
+    grid: tuple[int, int]  # (rows, cols) of its sequences; (0, 0) for padding
 
     @property
     def tokens(self) -> int:
@@ -108,19 +114,19 @@ def stream_pieces(layout: PackedLayout, start: int = 0, stop: int | None = None)
         first, last = (low - run.start) // run.seqlen, (high - 1 - run.start) // run.seqlen
         head_offset = (low - run.start) % run.seqlen
         if first == last:  # within one sequence
-            pieces.append(Piece(run.first_sequence + first, 1, high - low, head_offset, run.side))
+            pieces.append(Piece(run.first_sequence + first, 1, high - low, head_offset, run.grid))
             continue
         if head_offset:
-            pieces.append(Piece(run.first_sequence + first, 1, run.seqlen - head_offset, head_offset, run.side))
+            pieces.append(Piece(run.first_sequence + first, 1, run.seqlen - head_offset, head_offset, run.grid))
             first += 1
         tail = (high - run.start) % run.seqlen
         whole = last - first + (0 if tail else 1)
         if whole:
-            pieces.append(Piece(run.first_sequence + first, whole, run.seqlen, 0, run.side))
+            pieces.append(Piece(run.first_sequence + first, whole, run.seqlen, 0, run.grid))
         if tail:
-            pieces.append(Piece(run.first_sequence + last, 1, tail, 0, run.side))
+            pieces.append(Piece(run.first_sequence + last, 1, tail, 0, run.grid))
     if stop > max(start, layout.num_tokens):
-        pieces.append(Piece(None, 1, stop - max(start, layout.num_tokens), 0, 0))
+        pieces.append(Piece(None, 1, stop - max(start, layout.num_tokens), 0, (0, 0)))
     return tuple(pieces)
 
 
@@ -149,9 +155,9 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return grid.reshape(b * (h // p) * (w // p), c * p * p)
 
 
-def unpatchify(tokens: torch.Tensor, count: int, side: int, patch_size: int) -> torch.Tensor:
-    """Inverse of patchify for `count` square images of side x side tokens."""
-    p = patch_size
+def unpatchify(tokens: torch.Tensor, count: int, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Inverse of patchify for `count` images of rows x cols tokens each."""
+    (rows, cols), p = grid, patch_size
     c = tokens.shape[-1] // (p * p)
-    grid = tokens.reshape(count, side, side, c, p, p).permute(0, 3, 1, 4, 2, 5)
-    return grid.reshape(count, c, side * p, side * p)
+    patches = tokens.reshape(count, rows, cols, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(count, c, rows * p, cols * p)

@@ -85,7 +85,7 @@ class PixelFlowTransformer(nn.Module):
         self.class_embed = nn.Embedding(cfg.num_classes + 1, dim) if cfg.num_classes > 0 else None
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.depth)])
         self.final = FinalLayer(dim, token_channels)
-        self._rope_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._rope_cache: dict[tuple[tuple[int, int], str], torch.Tensor] = {}
         self._context_cache: dict[tuple, tuple[StreamContext, torch.Tensor]] = {}
         self.reset_parameters()
 
@@ -114,17 +114,17 @@ class PixelFlowTransformer(nn.Module):
     def stream_context(
         self, layout: PackedLayout, device: torch.device, token_range: tuple[int, int] | None = None
     ) -> tuple[StreamContext, torch.Tensor]:
-        """(context, per-sequence token-grid sides) for a layout and the token range held, cached: repeated
+        """(context, per-sequence token grids (B, 2)) for a layout and the token range held, cached: repeated
         layouts (every Euler step, most training steps) cost no host work and no host-to-device copy."""
         key = (layout, token_range, str(device))
         if key not in self._context_cache:
             if len(self._context_cache) >= 64:
                 self._context_cache.clear()
             rope = {}
-            for side in {run.side for run in layout.runs}:
-                if (side, str(device)) not in self._rope_cache:
-                    self._rope_cache[(side, str(device))] = rope_table(side, self.cfg.head_dim, device)
-                rope[side] = self._rope_cache[(side, str(device))]
+            for grid in {run.grid for run in layout.runs}:
+                if (grid, str(device)) not in self._rope_cache:
+                    self._rope_cache[(grid, str(device))] = rope_table(grid, self.cfg.head_dim, device)
+                rope[grid] = self._rope_cache[(grid, str(device))]
             ctx = StreamContext(
                 layout,
                 stream_pieces(layout, *(token_range or (0, layout.num_tokens))),
@@ -132,8 +132,8 @@ class PixelFlowTransformer(nn.Module):
                 to_device(layout.cu_seqlens(), device),
                 rope,
             )
-            sides = to_device(torch.tensor(layout.sides, dtype=torch.float32), device)
-            self._context_cache[key] = (ctx, sides)
+            grids = to_device(torch.tensor(layout.grids, dtype=torch.float32), device)
+            self._context_cache[key] = (ctx, grids)
         return self._context_cache[key]
 
     def forward(
@@ -155,11 +155,11 @@ class PixelFlowTransformer(nn.Module):
         text, text_mask: (B, L, text_dim) text-encoder tokens and (B, L) 1 = real token, 0 = padding, for a
         model with cross-attention.
         """
-        ctx, sides = self.stream_context(layout, tokens.device, token_range)
+        ctx, grids = self.stream_context(layout, tokens.device, token_range)
         if text is not None:
             bias = None if text_mask is None else ((1.0 - text_mask.float()) * -10000.0)[:, None, None, :]
             ctx = dataclasses.replace(ctx, text=text, text_bias=bias)
-        cond = self.time_embed(timesteps) + self.size_embed(sides)
+        cond = self.time_embed(timesteps) + self.size_embed(grids)
         if self.class_embed is not None:
             cond = cond + self.class_embed(labels)
         silu_cond = F.silu(cond)
@@ -176,11 +176,12 @@ class PixelFlowTransformer(nn.Module):
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Velocity for a plain batch of equal-size square images (B, C, H, W), as the sampler uses it."""
-        count, side = images.shape[0], images.shape[-1] // self.cfg.patch_size
-        layout = PackedLayout.from_sides([side] * count)
-        out = self.forward(patchify(images, self.cfg.patch_size), layout, timesteps, labels, text, text_mask)
-        return unpatchify(out, count, side, self.cfg.patch_size)
+        """Velocity for a plain batch of equal-size images (B, C, H, W), as the sampler uses it."""
+        patch = self.cfg.patch_size
+        count, grid = images.shape[0], (images.shape[-2] // patch, images.shape[-1] // patch)
+        layout = PackedLayout.from_grids([grid] * count)
+        out = self.forward(patchify(images, patch), layout, timesteps, labels, text, text_mask)
+        return unpatchify(out, count, grid, patch)
 
 
 def count_parameters(model: nn.Module) -> int:
