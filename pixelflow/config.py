@@ -130,12 +130,23 @@ class SourceConfig:
 
 
 @dataclass
+class ResolutionPhase:
+    """Steps up to `until_step` train at `resolution` (data.resolution_schedule)."""
+
+    until_step: int = MISSING
+    resolution: int = MISSING
+
+
+@dataclass
 class DataConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "resize_filter": ("bicubic", "lanczos")
     }  # allowed values: checked, and named in errors
     path: str = ""  # directory (or s3://bucket/prefix) holding manifest.json and the shards
     sources: list[SourceConfig] = field(default_factory=list)  # instead of path: a mixture of datasets
+    # progressive resolution: earlier phases at lower (or other) crop sizes, then data.resolution (the
+    # model's: sampling and eval use it), e.g. [{until_step: 20000, resolution: 256}] before 512
+    resolution_schedule: list[ResolutionPhase] = field(default_factory=list)
     resolution: int = 256
     num_workers: int = 2
     shuffle_block: int = 1000  # samples shuffled together inside one reading lane
@@ -180,7 +191,29 @@ class DataConfig:
                 ]
             )
             or self.sources_problem()
+            or self.schedule_problem()
         )
+
+    def schedule_problem(self) -> tuple[str, str] | None:
+        """The first impossible phase of the resolution schedule, or None."""
+        previous = 0
+        for index, phase in enumerate(self.resolution_schedule):
+            key = f"resolution_schedule.{index}"
+            if phase.until_step <= previous:
+                return f"{key}.until_step", f"= {phase.until_step} must be above the phase before's ({previous})"
+            if not 0 < phase.resolution**2 <= self.max_pixels:
+                return f"{key}.resolution", f"= {phase.resolution} must be positive, its square at most max_pixels"
+            previous = phase.until_step
+        return None
+
+    def resolution_at(self, step: int) -> int:
+        """The crop size of a step: its phase's, or data.resolution after the schedule."""
+        return next((p.resolution for p in self.resolution_schedule if step <= p.until_step), self.resolution)
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Every crop size a run trains at."""
+        return [*(phase.resolution for phase in self.resolution_schedule), self.resolution]
 
     def sources_problem(self) -> tuple[str, str] | None:
         """The first impossible value among the mixture's sources, or None."""
@@ -570,12 +603,12 @@ def fused_qkv_enabled(cfg: Config, device_type: str) -> bool:
     return plain and (cfg.parallel.fused_qkv if cfg.parallel.fused_qkv is not None else device_type == "cuda")
 
 
-def micro_tokens(cfg: Config) -> int:
+def micro_tokens(cfg: Config, resolution: int | None = None) -> int:
     """Tokens one rank may hold in a micro-batch (train.micro_tokens, else micro_batch full-resolution
-    samples' worth); 0 = no limit."""
+    samples' worth, at `resolution`: default data.resolution); 0 = no limit."""
     if cfg.train.micro_tokens:
         return cfg.train.micro_tokens
-    return cfg.train.micro_batch * (cfg.data.resolution // max(cfg.model.patch_size, 1)) ** 2
+    return cfg.train.micro_batch * ((resolution or cfg.data.resolution) // max(cfg.model.patch_size, 1)) ** 2
 
 
 def spoken(values: tuple[str, ...]) -> str:
@@ -620,14 +653,21 @@ def across_sections(cfg: Config) -> Problem | None:
     """Checks of values that only make sense together (and of the top-level keys)."""
     m, c, d, p = cfg.model, cfg.cascade, cfg.data, cfg.parallel
     granule = m.patch_size * 2 ** (c.stages - 1)
-    top_tokens = (d.resolution // max(m.patch_size, 1)) ** 2
-    tokens = micro_tokens(cfg)
+    largest = max(d.resolutions)
+    top_tokens = (largest // max(m.patch_size, 1)) ** 2
+    tokens = micro_tokens(cfg, largest)
+    off_grid = [phase.resolution for phase in d.resolution_schedule if phase.resolution % granule]
     return failed(
         [
             (
                 d.resolution % granule == 0 and d.resolution > 0,
                 "data.resolution",
                 f"= {d.resolution} must be a positive multiple of patch_size * 2^(stages-1) = {granule}",
+            ),
+            (
+                not off_grid,
+                "data.resolution_schedule",
+                f"has resolution {(off_grid or [0])[0]}, not a multiple of patch_size * 2^(stages-1) = {granule}",
             ),
             (
                 not tokens or tokens * p.sp >= top_tokens,

@@ -82,6 +82,17 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Fetched:
+    """One sample of a lane as read, before decoding (which its step's crop size decides)."""
+
+    position: int  # index in the lane's endless sequence
+    epoch: int
+    entry: SampleEntry
+    members: dict[str, bytes]
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Block:
     epoch: int
     start: int  # position in the epoch of the block's first sample
@@ -247,8 +258,9 @@ class LaneReader:
             first = stop
         return out
 
-    def samples(self, position: int) -> Iterator[Sample]:
-        """The lane's samples from `position` on, forever; the next block downloads while this one decodes."""
+    def fetched(self, position: int) -> Iterator[Fetched]:
+        """The lane's samples from `position` on, forever, undecoded; the next block downloads while this one
+        is consumed."""
         blocks = self._blocks(position)
         with ThreadPoolExecutor(max_workers=1) as prefetcher:
             block = next(blocks)
@@ -257,20 +269,23 @@ class LaneReader:
                 upcoming = next(blocks)
                 fetched, pending = pending.result(), prefetcher.submit(self._fetch, upcoming)
                 for j in block.order[block.skip :]:
-                    entry, members, payload = fetched[j]
-                    yield self._decode(entry, members, payload, block.epoch, position)
+                    yield Fetched(position, block.epoch, *fetched[j])
                     position += 1
                 block = upcoming
 
-    def _decode(
-        self, entry: SampleEntry, members: dict[str, bytes], payload: bytes, epoch: int, position: int
-    ) -> Sample:
+    def samples(self, position: int) -> Iterator[Sample]:
+        """The lane's samples from `position` on, forever, cropped to data.resolution."""
+        return (self.decode(item, self.settings.data.resolution) for item in self.fetched(position))
+
+    def decode(self, item: Fetched, resolution: int) -> Sample:
+        """A fetched sample's random crop of `resolution` (its randomness keyed by seed, epoch, position, lane)."""
+        entry, members, payload, position = item.entry, item.members, item.payload, item.position
         label = -1 if entry.label is None else int(entry.label)
-        rng = np.random.default_rng([self.settings.seed, epoch, position, self.lane])
+        rng = np.random.default_rng([self.settings.seed, item.epoch, position, self.lane])
         try:
             image = decode_crop(
                 members[entry.image],
-                self.settings.data.resolution,
+                resolution,
                 rng,
                 max_pixels=self.settings.data.max_pixels,
                 expand_ratio=self.settings.data.expand_ratio,
@@ -361,20 +376,22 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[ReadShare]:
         worker = get_worker_info()
         lanes = self.lanes if worker is None else self.lanes[worker.id :: worker.num_workers]
-        readers = {}
+        readers, pending = {}, {}
         for lane in lanes:
             source, own_lane = self.mixture.source_of(lane)
-            readers[lane] = LaneReader(self.sources[source], own_lane).samples(self.positions[lane])
+            readers[lane] = LaneReader(self.sources[source], own_lane)
+            pending[lane] = readers[lane].fetched(self.positions[lane])
         positions = {lane: self.positions[lane] for lane in lanes}
         recent = [BadShare(settings) for settings in self.sources]
+        data = self.sources[0].data
         for step_slots in schedule(self.mixture, self.first_step, self.taken):
-            serving = step_slots.lanes
+            serving, resolution = step_slots.lanes, data.resolution_at(step_slots.step)
             slots = np.flatnonzero(np.isin(serving, lanes))
             images, labels, keys, payloads = [], [], [], []
             for slot in slots:
                 lane = int(serving[slot])
                 while True:  # the lane's next decodable sample
-                    sample = next(readers[lane])
+                    sample = readers[lane].decode(next(pending[lane]), resolution)
                     positions[lane] = sample.position + 1
                     recent[step_slots.sources[slot]].add(sample)
                     if sample.image is not None:
@@ -386,7 +403,7 @@ class ShardStream(IterableDataset):
             yield ReadShare(
                 step_slots.step,
                 slots,
-                _stack(images, self.sources[0].data.resolution),
+                _stack(images, resolution),
                 torch.tensor(labels, dtype=torch.int64),
                 keys,
                 dict(positions),
@@ -507,7 +524,7 @@ class DataStream:
                 world_size,
                 world_size - num_lanes,
             )
-        self.resolution, self.step = data.resolution, first_step
+        self.data, self.step = data, first_step
         self.lanes = list(range(rank, num_lanes, world_size))
         saved = [p for one in self.sources for p in (one.saved["positions"] if one.saved else [0] * one.num_lanes)]
         self.positions = {lane: int(saved[lane]) for lane in self.lanes}
@@ -558,7 +575,7 @@ class DataStream:
         assert all(piece.step == self.step == step_slots.step for piece in pieces), "DataLoader workers out of step"
         slots = np.concatenate([p.slots for p in pieces]) if pieces else np.zeros(0, dtype=np.int64)
         order = np.argsort(slots, kind="stable")
-        images = torch.cat([p.images for p in pieces]) if pieces else _stack([], self.resolution)
+        images = torch.cat([p.images for p in pieces]) if pieces else _stack([], self.data.resolution_at(self.step))
         labels = torch.cat([p.labels for p in pieces]) if pieces else torch.zeros(0, dtype=torch.int64)
         keys = [key for p in pieces for key in p.keys]
         payloads = [payload for p in pieces for payload in p.payloads]

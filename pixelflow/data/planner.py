@@ -269,15 +269,16 @@ def stage_tokens(resolution: int, patch_size: int, stages: int) -> tuple[int, ..
     return tuple((resolution // 2 ** (stages - 1 - s) // patch_size) ** 2 for s in range(stages))
 
 
-def plan_settings(cfg: Config, units: int) -> PlanSettings:
-    """The planner's settings for a run on `units` data-parallel units."""
-    stages = cfg.cascade.stages
+def plan_settings(cfg: Config, units: int, resolution: int | None = None) -> PlanSettings:
+    """The planner's settings for a run on `units` data-parallel units, at crop size `resolution` (default
+    data.resolution; a resolution schedule's phases plan at theirs)."""
+    stages, resolution = cfg.cascade.stages, resolution or cfg.data.resolution
     return PlanSettings(
         batch=cfg.train.global_batch,
-        stage_tokens=stage_tokens(cfg.data.resolution, cfg.model.patch_size, stages),
+        stage_tokens=stage_tokens(resolution, cfg.model.patch_size, stages),
         weights=tuple(cfg.plan.stage_weights or [1.0] * stages),
         units=units,
-        unit_budget=micro_tokens(cfg) * cfg.parallel.sp,
+        unit_budget=micro_tokens(cfg, resolution) * cfg.parallel.sp,
         cost=CostModel(cfg.model.depth, cfg.model.num_heads * cfg.model.head_dim, cfg.plan.token_overhead),
         seed=cfg.seed,
     )

@@ -46,7 +46,8 @@ class Batches:
         self.world, self.step = world, first_step - 1
         self.conditioner = TextConditioner(cfg, world) if cfg.model.text_dim else None
         self.stream = open_stream(cfg, world, state, first_step)
-        self.settings = plan_settings(cfg, world.dp_size)
+        self.settings = {r: plan_settings(cfg, world.dp_size, r) for r in cfg.data.resolutions}  # by crop size
+        self.data = cfg.data
         dp_mesh = world.dp_mesh
         self.group = dp_mesh.get_group() if dp_mesh is not None and world.dp_size > 1 else None
 
@@ -57,7 +58,7 @@ class Batches:
         waiting = time.perf_counter()
         share = next(self.stream)
         self.step += 1
-        plan = plan_step(self.settings, self.step)
+        plan = plan_step(self.settings[self.data.resolution_at(self.step)], self.step)
         readers = lane_reader(share.batch_lanes, self.world.dp_size)
         world, with_text = self.world, self.conditioner is not None
         images, labels, payloads = exchange(

@@ -40,7 +40,7 @@ class PeriodicSamples:
             self.model = sampling_model(self.cfg, device, sampling_dtype(device))
         self.model.load_state_dict({name: t.to(device) for name, t in full.items()})
         mine = list(range(self.world.rank, self.cfg.sample.count, self.world.size))
-        size = self.cfg.data.resolution
+        size = self.cfg.data.resolution_at(step)  # the resolution the run trains at now
         images = torch.zeros((self.cfg.sample.count, 3, size, size), dtype=torch.uint8)
         prompts = None
         if self.encoder is not None:  # every rank encodes every prompt: a sharded encoder needs them in step
@@ -62,6 +62,7 @@ class PeriodicSamples:
                     device,
                     self.cfg.sample.solver,
                     prompts,
+                    size=(size, size),
                 )
         if self.world.distributed:
             gathered = images.to(device=device, dtype=torch.int32)

@@ -86,7 +86,7 @@ class NonFiniteWatch:
 def padding_micro_batch(cfg: Config, schedule: CascadeSchedule, device: torch.device, step: int):
     """A one-sample, lowest-stage micro-batch whose loss counts zero: keeps a unit with fewer samples than
     the plan's micro-batch count in step with the others' collectives."""
-    resolution = cfg.data.resolution
+    resolution = cfg.data.resolution_at(step)
     images = torch.zeros((1, 3, resolution, resolution), dtype=torch.uint8, device=device)
     labels = torch.zeros(1, dtype=torch.int64, device=device)
     return build_training_batch(images, labels, [0], schedule, cfg.model.patch_size, cfg.seed, step, [-1])

@@ -233,7 +233,7 @@ def _train(cfg: Config, world: World) -> RunResult:
                 metrics.advance()
             if window.due(step):
                 nonfinite.check()
-                record = window.summary(step, engine.last_lr)
+                record = {**window.summary(step, engine.last_lr), "resolution": cfg.data.resolution_at(step)}
                 if metrics:
                     metrics.log(record)
             if samples and samples.due(step):
