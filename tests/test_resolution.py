@@ -13,7 +13,7 @@ from pixelflow.data.loader import DataStream
 from pixelflow.errors import ConfigError
 from pixelflow.train.trainer import train
 from pixelflow.weights import read_weights
-from tests.conftest import tiny_config
+from tests.conftest import cli, tiny_config
 from tests.test_fault_tolerance import losses, run_to_end, train_args
 
 SCHEDULE = ("data.resolution=64", "data.resolution_schedule=[{until_step: 3, resolution: 32}]")
@@ -74,3 +74,16 @@ def test_two_ranks_train_across_the_switch_like_one_process(tmp_path, shapes_dat
     run_to_end(train_args(two, shapes_dataset, 6, *SCHEDULE))
     want, got = losses(one), losses(two)
     assert len(want) == 6 and all(abs(a - b) <= 1e-5 * b for a, b in zip(got, want))
+
+
+def test_an_export_fine_tunes_at_another_resolution(tmp_path, shapes_dataset):
+    run_dir = train(tiny_config(tmp_path / "low", shapes_dataset, "train.steps=2")).run_dir
+    export = tmp_path / "export"
+    assert cli("pixelflow", "export", str(run_dir), str(export)).returncode == 0
+    tuned = train(
+        tiny_config(tmp_path / "high", shapes_dataset, f"resume={export}", "data.resolution=64", "train.steps=2")
+    )
+    fresh = train(tiny_config(tmp_path / "fresh", shapes_dataset, "data.resolution=64", "train.steps=2"))
+    records = metrics(tuned.run_dir)
+    assert [r["resolution"] for r in records] == [64, 64]
+    assert records[0]["loss"] != metrics(fresh.run_dir)[0]["loss"]  # the same batch, from the exported weights
