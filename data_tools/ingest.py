@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import re
 import stat
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -223,16 +224,18 @@ def list_items(source: Path, kind: str, options: Options = Options()) -> tuple[l
 
 
 def list_remote_items(
-    url: str, kind: str | None, options: Options, storage: dict
+    url: str, kind: str | None, options: Options, storage: dict, scratch: str
 ) -> tuple[list[Item], list[str] | None]:
     """The inputs of a class folder, captioned folder or table on an object store (s3://), listed through
-    fsspec: images become URL inputs that the shard workers read; sidecar captions are read here."""
+    fsspec: images become URL inputs that the shard workers read; sidecar captions are read here. A table is
+    copied into `scratch` (a folder that lives as long as the ingest)."""
     fs, root = filesystem(url, **storage)
     scheme = url.split("://")[0] + "://"
     if fs.isfile(root):
         if Path(root).suffix.lower() not in TABLE_SUFFIXES:
             raise IngestError(f"{url}: a file input must be a table (.parquet, .jsonl or .csv)")
-        local = Path(fsspec_local_copy(fs, root))
+        local = Path(scratch) / Path(root).name  # tables are small beside their images: read as a local one
+        fs.get(root, str(local))
         items, classes = table_items(local, options)
         base = url.rsplit("/", 1)[0]
         return [remote_row(item, local, base) for item in items], classes
@@ -277,16 +280,6 @@ def list_remote_items(
         problem = too_large(path) or _caption_problem(caption) or (None if caption else "missing_caption")
         items.append(Item(key, scheme + path, caption, None, problem))
     return items, None
-
-
-def fsspec_local_copy(fs, path: str) -> str:
-    """A table on an object store, copied to a local temporary file (tables are small beside their images;
-    parquet row groups are then read from it as from any local table)."""
-    import tempfile
-
-    local = os.path.join(tempfile.mkdtemp(prefix="pixelflow-table-"), Path(path).name)
-    fs.get(path, local)
-    return local
 
 
 def remote_row(item: Item, table: Path, base: str) -> Item:
@@ -612,51 +605,55 @@ def ingest(
     With part=(i, n), write only every n-th shard from the i-th and no manifest: one task of a job array,
     whose final step (a run without part) reuses every shard and writes the manifest and whole report."""
     started = time.perf_counter()
-    if str(source).startswith("s3://"):  # Path would fold the scheme's '//'
-        items, classes = list_remote_items(str(source), kind, options, storage_options(str(source), endpoint_url))
-    else:
-        source = Path(source)
-        kind = kind or detect_kind(source)
-        if kind not in KINDS:
-            raise IngestError(f"--kind {kind}: must be one of {', '.join(KINDS)}")
-        items, classes = list_items(source, kind, options)
-    items = mark_duplicates(items)
-    storage = storage_options(output, endpoint_url)
-    fs, root = filesystem(output, **storage)
-    if output.startswith("s3://") and not create_bucket and not fs.exists(root.split("/")[0]):
-        raise IngestError(f"{output}: bucket {root.split('/')[0]} does not exist; create it or pass --create-bucket")
-    fs.makedirs(root, exist_ok=True)
-    shards = enumerate(plan_shards(items, options))
-    jobs = [ShardJob(n, group, output, storage, options, endpoint_url) for n, group in shards]
-    if part is not None:
-        jobs = jobs[part[0] :: part[1]]
-    report = Report(inputs=sum(len(job.items) for job in jobs))
-    sizes = {job.number: len(job.items) for job in jobs}
-    infos: dict[int, ShardInfo] = {}
-    max_label = None
-    context = multiprocessing.get_context("spawn")  # s3fs clients and their threads do not survive fork
-    bar = Progress(report.inputs, "ingest", "img", enabled=progress)
-    with bar, context.Pool(workers) if workers > 1 else _InProcess() as pool:
-        for written in pool.imap_unordered(write_shard, jobs):
-            report.add(written)
-            report.shards_reused += written["reused"]
-            if written["shard"]["count"]:
-                infos[written["number"]] = ShardInfo(**written["shard"])
-            if written["max_label"] is not None:
-                max_label = max(written["max_label"], max_label if max_label is not None else -1)
-            bar.update(sizes[written["number"]])
-    report.shards = len(infos)
-    report.seconds = round(time.perf_counter() - started, 3)
-    if part is not None:
+    with tempfile.TemporaryDirectory(prefix="pixelflow-ingest-") as scratch:  # gone however the ingest ends
+        if str(source).startswith("s3://"):  # Path would fold the scheme's '//'
+            storage = storage_options(str(source), endpoint_url)
+            items, classes = list_remote_items(str(source), kind, options, storage, scratch)
+        else:
+            source = Path(source)
+            kind = kind or detect_kind(source)
+            if kind not in KINDS:
+                raise IngestError(f"--kind {kind}: must be one of {', '.join(KINDS)}")
+            items, classes = list_items(source, kind, options)
+        items = mark_duplicates(items)
+        storage = storage_options(output, endpoint_url)
+        fs, root = filesystem(output, **storage)
+        if output.startswith("s3://") and not create_bucket and not fs.exists(root.split("/")[0]):
+            raise IngestError(
+                f"{output}: bucket {root.split('/')[0]} does not exist; create it or pass --create-bucket"
+            )
+        fs.makedirs(root, exist_ok=True)
+        shards = enumerate(plan_shards(items, options))
+        jobs = [ShardJob(n, group, output, storage, options, endpoint_url) for n, group in shards]
+        if part is not None:
+            jobs = jobs[part[0] :: part[1]]
+        report = Report(inputs=sum(len(job.items) for job in jobs))
+        sizes = {job.number: len(job.items) for job in jobs}
+        infos: dict[int, ShardInfo] = {}
+        max_label = None
+        context = multiprocessing.get_context("spawn")  # s3fs clients and their threads do not survive fork
+        bar = Progress(report.inputs, "ingest", "img", enabled=progress)
+        with bar, context.Pool(workers) if workers > 1 else _InProcess() as pool:
+            for written in pool.imap_unordered(write_shard, jobs):
+                report.add(written)
+                report.shards_reused += written["reused"]
+                if written["shard"]["count"]:
+                    infos[written["number"]] = ShardInfo(**written["shard"])
+                if written["max_label"] is not None:
+                    max_label = max(written["max_label"], max_label if max_label is not None else -1)
+                bar.update(sizes[written["number"]])
+        report.shards = len(infos)
+        report.seconds = round(time.perf_counter() - started, 3)
+        if part is not None:
+            return report
+        if not report.written:  # an empty dataset is never a success
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())) or "no inputs"
+            raise IngestError(f"{source}: nothing written: {report.inputs} inputs, none usable ({reasons})")
+        num_classes = len(classes) if classes else (max_label + 1 if max_label is not None else None)
+        extra = {"classes": classes} if classes else {}
+        manifest = Manifest([infos[n] for n in sorted(infos)], num_classes=num_classes, extra=extra)
+        write_json_atomically(fs, f"{root}/manifest.json", manifest.to_json())
         return report
-    if not report.written:  # an empty dataset is never a success
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())) or "no inputs"
-        raise IngestError(f"{source}: nothing written: {report.inputs} inputs, none usable ({reasons})")
-    num_classes = len(classes) if classes else (max_label + 1 if max_label is not None else None)
-    extra = {"classes": classes} if classes else {}
-    manifest = Manifest([infos[n] for n in sorted(infos)], num_classes=num_classes, extra=extra)
-    write_json_atomically(fs, f"{root}/manifest.json", manifest.to_json())
-    return report
 
 
 class _InProcess:

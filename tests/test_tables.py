@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -85,7 +86,12 @@ def test_a_table_where_nothing_is_readable_exits_non_zero_in_one_line(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_class_folders_captioned_folders_and_tables_on_s3_ingest_as_they_would_locally(tmp_path, s3_endpoint):
+def test_class_folders_captioned_folders_and_tables_on_s3_ingest_as_they_would_locally(
+    tmp_path, s3_endpoint, monkeypatch
+):
+    temporary = tmp_path / "tmp"  # where the table on S3 is copied while it is ingested
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     options = s3_options(s3_endpoint.endpoint)
     fs, root = filesystem(f"{BUCKET}/raw", **options)
     for i in range(6):
@@ -110,6 +116,7 @@ def test_class_folders_captioned_folders_and_tables_on_s3_ingest_as_they_would_l
             f"{BUCKET}/raw/{source}", str(out), options=Options(min_size=16), endpoint_url=endpoint, progress=False
         )
         assert (report.inputs, report.written, report.skipped) == (6, written, skipped), source
+        assert list(temporary.iterdir()) == [], source  # the table's local copy is gone
     out_fs, out_root = filesystem(str(tmp_path / "classes"))
     manifest = json.loads(out_fs.cat_file(f"{out_root}/manifest.json"))
     assert manifest["classes"] == ["cat", "dog"] and manifest["num_classes"] == 2
