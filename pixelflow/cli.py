@@ -157,7 +157,9 @@ def eval_request(args: argparse.Namespace):
     from pixelflow.evaluate import EvalRequest, EvalSpec
 
     check_eval_arguments(args)
-    spec = EvalSpec(args.images, args.classes, read_prompts(args), args.batch, args.seed, args.steps, args.cfg)
+    spec = EvalSpec(
+        args.images, args.classes, read_prompts(args), args.batch, args.seed, args.steps, args.cfg, args.size
+    )
     scoring = (args.classifier, args.reference, args.inception_weights)
     out, checkpoint = Path(args.out), Path(args.checkpoint)
     return EvalRequest(checkpoint, out, spec, args.text_encoder, scoring, args.device, args.redraw)
@@ -187,6 +189,7 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--steps", type=int, help="Euler steps per stage (default: the config's)")
     evaluate.add_argument("--cfg", type=float, help="CFG scale (default: the config's)")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--size", help="HEIGHTxWIDTH of every image (default: the training resolution)")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     evaluate.add_argument("--classifier", help="report class accuracy with this file (pixelflow-data train-classifier)")
     evaluate.add_argument("--reference", help="reference batch .npz: images (arr_0) or statistics (mu, sigma)")

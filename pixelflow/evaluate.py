@@ -34,6 +34,7 @@ from pixelflow.generate import (
     Prompts,
     checked_classes,
     checked_prompts,
+    checked_size,
     checked_text_encoder,
     generate,
     load_for_sampling,
@@ -56,6 +57,7 @@ class EvalSpec:
     seed: int = 0
     steps: int | None = None  # Euler steps per stage; None = the config's
     cfg_scale: float | None = None
+    size: str | None = None  # --size HxW (None: the training resolution's square); checked against the model
 
     def labels(self) -> list[int] | None:
         return [self.classes[i % len(self.classes)] for i in range(self.count)] if self.classes else None
@@ -73,6 +75,7 @@ DRAWN = ("images", PROVENANCE, "written_rank_*.jsonl", "samples_*.npz", "scores.
 
 def provenance(spec: EvalSpec, cfg: Config, checkpoint: dict, encoder: dict | None) -> dict:
     """Everything the folder's images depend on."""
+    height, width = drawn_size(spec, cfg)
     return {
         "checkpoint": checkpoint,
         "text_encoder": encoder,
@@ -86,9 +89,14 @@ def provenance(spec: EvalSpec, cfg: Config, checkpoint: dict, encoder: dict | No
         "cfg_ramp": cfg.sample.cfg_ramp,
         "shift": cfg.sample.shift,
         "solver": cfg.sample.solver,
-        "resolution": cfg.data.resolution,
+        "resolution": height if height == width else [height, width],  # a square's as before --size
         "stages": cfg.cascade.stages,
     }
+
+
+def drawn_size(spec: EvalSpec, cfg: Config) -> tuple[int, int]:
+    """(height, width) of the images an eval draws."""
+    return checked_size(spec.size, cfg)
 
 
 def claim_folder(out: Path, record: dict, redraw: bool = False) -> None:
@@ -216,6 +224,7 @@ def draw_images(
                     device,
                     cfg.sample.solver,
                     text,
+                    size=drawn_size(spec, cfg),
                 )
             for i, image in zip(indices, images.permute(0, 2, 3, 1).numpy()):
                 temporary = folder / f".{i:06d}.png.tmp"

@@ -117,6 +117,7 @@ def test_an_eval_folder_refuses_images_drawn_otherwise_and_redraws_them_when_ask
         "guidance_scale": ["--checkpoint", first, "--cfg", 1.5],
         "classes": ["--checkpoint", first, "--classes", 4],
         "batch": ["--checkpoint", first, "--batch", 3],
+        "resolution": ["--checkpoint", first, "--size", "32x64"],
     }
     for key, change in changes.items():
         options = base[:4] + (["--classes", 1, 2] if key != "classes" else []) + change
@@ -129,6 +130,9 @@ def test_an_eval_folder_refuses_images_drawn_otherwise_and_redraws_them_when_ask
     assert eval_cli(capsys, "--checkpoint", second, *base, "--redraw") == (0, [])
     assert pngs(out).keys() == drawn.keys() and pngs(out) != drawn
     assert json.loads((out / "eval.json").read_text())["checkpoint"]["path"].startswith(str(second))
+    wide = tmp_path / "wide"  # an eval at a fixed non-square size
+    assert eval_cli(capsys, "--checkpoint", first, "--out", wide, "--images", 2, "--size", "32x64") == (0, [])
+    assert np.load(wide / "samples_2.npz")["arr_0"].shape == (2, 32, 64, 3)
 
 
 def write_statistics(path, **changes) -> None:
@@ -161,6 +165,7 @@ def test_eval_options_and_scoring_inputs_are_checked_before_anything_is_drawn(
         ),
         (["--classifier", tmp_path / "none.pt"], f"--classifier {tmp_path / 'none.pt'}: no such file"),
         (["--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: a file, not a folder"),
+        (["--size", "30x64"], "--size 30x64: must be HEIGHTxWIDTH (or one side) in pixels, each a positive multiple"),
     ]
     for extra, message in cases:
         out = tmp_path / "out"
