@@ -1,6 +1,7 @@
 """The stage planner: simulated balance at scale, the cost model's calibration, and a measured CPU spread.
 
     python benchmarks/planner.py                 # simulation: one JSON line per case and rule
+    python benchmarks/planner.py --buckets       # simulation with aspect buckets (the planner alone)
     python benchmarks/planner.py --calibrate     # fit plan.token_overhead on this machine
     torchrun --nproc_per_node 4 benchmarks/planner.py --measure   # per-rank compute spread, 4 gloo ranks
 
@@ -15,11 +16,16 @@ Each line: max_over_mean (predicted unit cost), lower_bound (no plan of these st
 stage_share_error (largest |share - weight| over stages), budget_violations (micro-batches over budget),
 microbatch_count_spread (max - min micro-batches per unit), plan_ms (planning time per step), and for the
 planner where the bound exceeds 1.03, sp_for_target: the smallest sequence-parallel size that reaches it.
+
+With --buckets, every sample also has an aspect bucket (a set of about equal-token shapes per resolution,
+drawn per sample with fixed shares, as data would give them) and the planner deals (stage, bucket) kinds;
+the budget is in square top-stage images, and the line adds `kinds` (distinct kinds in the step).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -84,7 +90,7 @@ def planner_facts(plan: StepPlan) -> tuple[int, int]:
     """(budget violations over every micro-batch, micro-batch count spread over up to 64 units spread evenly)
     checked from the plan itself."""
     settings = plan.settings
-    tokens = np.asarray(settings.stage_tokens)[plan.stages]
+    tokens = settings.kind_tokens[plan.kinds]
     if np.any(plan.micro >= plan.num_micro):
         return -1, -1
     per_micro = np.bincount(
@@ -112,6 +118,40 @@ def case_settings(units: int, per_unit: int, resolution: int, budget: float, ove
     return PlanSettings(
         units * per_unit, tokens, (1.0,) * STAGES, units, int(budget * tokens[-1]), CostModel(**XL, overhead=overhead)
     )
+
+
+BUCKETS = {  # (height, width) of each bucket (multiples of patch 4 x 2^3), and the share of samples it holds
+    256: ([(256, 256), (224, 288), (288, 224), (192, 320), (320, 192), (160, 384)], [0.4, 0.15, 0.15, 0.1, 0.1, 0.1]),
+    512: ([(512, 512), (448, 576), (576, 448), (384, 640), (640, 384), (320, 768)], [0.4, 0.15, 0.15, 0.1, 0.1, 0.1]),
+}
+
+
+def simulate_buckets(overhead: float, steps: int) -> None:
+    for units, resolution, budget, per_unit in itertools.product(
+        [8, 64, 512, 4096], [256, 512], [1, 2, 4, 8], [1, 2, 3, 4]
+    ):
+        square = case_settings(units, per_unit, resolution, budget, overhead)
+        shapes, shares = BUCKETS[resolution]
+        grids = tuple(stage_tokens(height, 4, STAGES, width) for height, width in shapes)
+        settings = dataclasses.replace(square, bucket_tokens=grids)
+        case = {"bench": "planner_buckets", "units": units, "resolution": resolution, "buckets": len(shapes),
+                "budget_images": budget, "images_per_unit": per_unit, "batch": settings.batch}  # fmt: skip
+        draws = [
+            np.random.default_rng([step]).choice(len(shapes), settings.batch, p=shares) for step in range(steps + 1)
+        ]
+        plan_step(settings, 0, draws[0])  # warm caches
+        worst, spent = None, 0.0
+        for step in range(1, steps + 1):
+            started = time.perf_counter()
+            plan = plan_step(settings, step, draws[step])
+            spent += time.perf_counter() - started
+            counts = np.bincount(plan.stages, minlength=STAGES)
+            line = summary(settings, plan.unit_costs, counts, *planner_facts(plan))
+            line["lower_bound"] = round(plan.lower_bound, 4)  # over (stage, bucket) kinds
+            line["kinds"] = int(np.unique(plan.kinds).size)
+            if worst is None or line["max_over_mean"] > worst["max_over_mean"]:
+                worst = line
+        emit({**case, "rule": "planner", **worst, "plan_ms": round(spent / steps * 1e3, 3)})
 
 
 def simulate(overhead: float, steps: int) -> None:
@@ -295,6 +335,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--measure", action="store_true")
+    parser.add_argument("--buckets", action="store_true", help="simulate with aspect buckets")
     parser.add_argument("--steps", type=int, default=5, help="steps per case (simulation) or measured steps")
     parser.add_argument("--token-overhead", type=float, default=PlanConfig.token_overhead)
     args = parser.parse_args()
@@ -303,6 +344,8 @@ def main() -> None:
         calibrate()
     elif args.measure:
         measure(args.steps)
+    elif args.buckets:
+        simulate_buckets(args.token_overhead, args.steps)
     else:
         simulate(args.token_overhead, args.steps)
 

@@ -3,6 +3,7 @@ determinism, and the same global batch planned over any number of units."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -142,3 +143,56 @@ def test_micro_batch_layouts_come_from_a_small_set_that_stops_growing(batch):
         seen[min(step // 100, 2)] |= micro_layouts(plan_step(case, step))
     assert seen[1] <= seen[0] and seen[2] <= seen[0]  # nothing new after the first 100 steps
     assert len(seen[0]) <= (4 if batch == 24 else 16)
+
+
+SHAPES = [(256, 256), (192, 320), (320, 192), (128, 512)]  # aspect buckets of about 64k pixels
+
+
+def bucketed(units: int, per_unit: float, budget_images: float = 4) -> PlanSettings:
+    grids = tuple(stage_tokens(height, 4, 4, width) for height, width in SHAPES)
+    return dataclasses.replace(settings(units, per_unit, 256, budget_images), bucket_tokens=grids)
+
+
+def draw_buckets(case: PlanSettings, step: int) -> np.ndarray:
+    return np.random.default_rng([step, 0xB0C]).choice(len(SHAPES), case.batch, p=[0.5, 0.2, 0.2, 0.1])
+
+
+def test_stage_tokens_of_a_non_square_image_halve_both_sides():
+    assert stage_tokens(192, 4, 4, 320) == (6 * 10, 12 * 20, 24 * 40, 48 * 80)  # 24 x 40 px up to 192 x 320
+    assert stage_tokens(256, 4, 4, 256) == stage_tokens(256, 4, 4)
+
+
+@pytest.mark.parametrize("units, per_unit, budget", [(1, 8, 2), (3, 2.5, 1), (8, 4, 2.5), (64, 1, 8), (64, 8, 4)])
+def test_buckets_keep_stage_shares_budgets_and_equal_micro_batch_counts(units, per_unit, budget):
+    case = bucketed(units, per_unit, budget)
+    for step in (1, 2, 3):
+        buckets = draw_buckets(case, step)
+        plan = plan_step(case, step, buckets)
+        assert np.array_equal(plan.stages, plan_step(case, step).stages)  # stages do not depend on buckets
+        assert np.array_equal(plan.kinds, buckets * 4 + plan.stages)
+        seen = []
+        for unit in range(units):
+            micro = plan.micro_batches(unit)
+            assert len(micro) == plan.num_micro
+            assert all(case.kind_tokens[plan.kinds[samples]].sum() <= case.unit_budget for samples in micro)
+            seen += [int(s) for samples in micro for s in samples]
+        assert sorted(seen) == list(range(case.batch))
+        costs = np.bincount(plan.units, weights=case.kind_costs[plan.kinds], minlength=units)
+        assert np.array_equal(costs, plan.unit_costs) and plan.max_over_mean >= plan.lower_bound - 1e-12
+
+
+@pytest.mark.parametrize("units", [8, 64, 512])
+def test_bucketed_plans_balance_within_three_percent_or_at_the_bound(units):
+    for per_unit in (1, 4, 8):
+        case = bucketed(units, per_unit, 8)
+        plan = plan_step(case, 3, draw_buckets(case, 3))
+        assert plan.max_over_mean <= max(1.03, plan.lower_bound + 1e-9), (per_unit, plan.lower_bound)
+
+
+def test_one_bucket_plans_exactly_as_no_buckets():
+    case = settings(8, 3, 256, 2.5)
+    one = dataclasses.replace(case, bucket_tokens=(case.stage_tokens,))
+    for step in range(1, 6):
+        plain, bucketed_plan = plan_step(case, step), plan_step(one, step, np.zeros(case.batch, dtype=np.int64))
+        for field in ("stages", "units", "micro", "unit_costs", "kinds"):
+            assert np.array_equal(getattr(plain, field), getattr(bucketed_plan, field))

@@ -7,9 +7,9 @@ The planner balances predicted cost instead:
 
 1. Stage counts are exact shares of the batch (`weights`; a fractional remainder goes to stages drawn
    with the step's seed), and a seeded permutation says which sample gets which stage.
-2. Samples are dealt to units longest-first, each to the least loaded unit (LPT). Samples of one stage
-   cost the same, so a stage is dealt at once by water-filling over integer costs: exact LPT, fast at
-   thousands of units.
+2. Samples are dealt to units longest-first, each to the least loaded unit (LPT). Samples of one kind
+   (a stage, or a stage of one aspect bucket: `bucket_tokens`) cost the same, so a kind is dealt at once by
+   water-filling over integer costs: exact LPT, fast at thousands of units.
 3. Each unit's samples are packed into micro-batches of at most `unit_budget` tokens, and every unit runs
    the same number of them (FSDP's collectives and DeepSpeed's accumulation boundary need it): units that
    need fewer split theirs, and a unit with fewer samples than micro-batches runs padding ones.
@@ -59,6 +59,9 @@ class PlanSettings:
     unit_budget: int  # tokens per micro-batch of one unit (sp x the per-rank budget); 0 = no limit
     cost: CostModel
     seed: int = 0
+    # aspect buckets: tokens of one sample of each bucket at each stage (bucket-major); () = one bucket whose
+    # tokens are stage_tokens. A sample's kind is bucket x stages + stage.
+    bucket_tokens: tuple[tuple[int, ...], ...] = ()
 
     @property
     def stages(self) -> int:
@@ -69,13 +72,26 @@ class PlanSettings:
         """Integer cost of one sample per stage (millions of FLOPs, at least 1)."""
         return np.array([max(1, math.ceil(self.cost.flops(t) / MEGA)) for t in self.stage_tokens], dtype=np.int64)
 
+    @functools.cached_property
+    def kind_tokens(self) -> np.ndarray:
+        """Tokens of one sample of each kind (bucket x stages + stage)."""
+        rows = self.bucket_tokens or (self.stage_tokens,)
+        return np.array([tokens for row in rows for tokens in row], dtype=np.int64)
+
+    @functools.cached_property
+    def kind_costs(self) -> np.ndarray:
+        """Integer cost of one sample of each kind (millions of FLOPs, at least 1)."""
+        return np.array([max(1, math.ceil(self.cost.flops(int(t)) / MEGA)) for t in self.kind_tokens], dtype=np.int64)
+
     def check(self) -> str | None:
         """Why these settings cannot be planned, or None."""
-        if self.unit_budget and max(self.stage_tokens) > self.unit_budget:
+        if self.unit_budget and int(self.kind_tokens.max()) > self.unit_budget:
             return (
-                f"a top-stage sample has {max(self.stage_tokens)} tokens, more than one micro-batch may hold "
+                f"a top-stage sample has {int(self.kind_tokens.max())} tokens, more than one micro-batch may hold "
                 f"({self.unit_budget} tokens per data-parallel unit)"
             )
+        if any(len(row) != self.stages for row in self.bucket_tokens):
+            return f"every bucket needs tokens for each of the {self.stages} stages"
         if len(self.weights) != self.stages or min(self.weights) < 0 or sum(self.weights) <= 0:
             return f"stage weights {list(self.weights)} must be {self.stages} non-negative numbers, not all 0"
         return None
@@ -89,6 +105,7 @@ class StepPlan:
     micro: np.ndarray  # (B,) its micro-batch within the unit
     num_micro: int  # micro-batches every unit runs
     unit_costs: np.ndarray  # (units,) predicted cost (millions of FLOPs)
+    kinds: np.ndarray  # (B,) its kind: bucket x stages + stage (the stage, with one bucket)
 
     def micro_batches(self, unit: int) -> list[np.ndarray]:
         """A unit's micro-batches: sample indices, highest stage first then by index (may be empty: padding)."""
@@ -102,16 +119,14 @@ class StepPlan:
 
     def tokens(self) -> int:
         """Tokens of the whole global batch."""
-        return int(np.asarray(self.settings.stage_tokens)[self.stages].sum())
+        return int(self.settings.kind_tokens[self.kinds].sum())
 
     def training_flops(self) -> float:
         """FLOPs of the step's forward and backward over the global batch: 3 x depth x (24 d^2 L + 4 d L^2)
         per sample (the convention of MFU figures; the overhead term is not counted)."""
-        cost = self.settings.cost
-        counts = np.bincount(self.stages, minlength=self.settings.stages)
-        return float(
-            sum(3 * CostModel(cost.depth, cost.dim).flops(t) * n for t, n in zip(self.settings.stage_tokens, counts))
-        )
+        cost, tokens = self.settings.cost, self.settings.kind_tokens
+        counts = np.bincount(self.kinds, minlength=len(tokens))
+        return float(sum(3 * CostModel(cost.depth, cost.dim).flops(int(t)) * n for t, n in zip(tokens, counts)))
 
     @property
     def max_over_mean(self) -> float:
@@ -119,9 +134,8 @@ class StepPlan:
 
     @property
     def lower_bound(self) -> float:
-        return cost_lower_bound(
-            self.settings.stage_costs, np.bincount(self.stages, minlength=self.settings.stages), self.settings.units
-        )
+        costs = self.settings.kind_costs
+        return cost_lower_bound(costs, np.bincount(self.kinds, minlength=len(costs)), self.settings.units)
 
 
 def exact_shares(total: int, weights: Sequence[float], key: list[int]) -> np.ndarray:
@@ -222,51 +236,57 @@ def first_fit(tokens: Sequence[int], budget: int) -> list[list[int]]:
     return groups
 
 
-def plan_step(settings: PlanSettings, step: int) -> StepPlan:
-    """The plan of one step (deterministic in settings and step)."""
+def plan_step(settings: PlanSettings, step: int, buckets: np.ndarray | None = None) -> StepPlan:
+    """The plan of one step (deterministic in settings, step and `buckets`: the aspect bucket of every
+    sample of the global batch, None with one bucket)."""
     counts = stage_counts(settings, step)
     stage_list = np.repeat(np.arange(settings.stages), counts)
     stages = np.random.default_rng([settings.seed, step, 0x57A6E]).permutation(stage_list)
-    costs = settings.stage_costs
+    kinds = stages if buckets is None else np.asarray(buckets, dtype=np.int64) * settings.stages + stages
+    costs, kind_tokens = settings.kind_costs, settings.kind_tokens
+    kind_counts = np.bincount(kinds, minlength=len(costs))
     loads = np.zeros(settings.units, dtype=np.int64)
-    per_unit = np.zeros((settings.units, settings.stages), dtype=np.int64)
+    per_unit = np.zeros((settings.units, len(costs)), dtype=np.int64)
     units = np.empty(settings.batch, dtype=np.int64)
-    rank_in_unit = np.empty(settings.batch, dtype=np.int64)  # among the unit's samples of the same stage
-    for stage in np.argsort(-costs, kind="stable"):
-        taken = water_fill(loads, int(costs[stage]), int(counts[stage]))
-        loads += taken * costs[stage]
-        per_unit[:, stage] = taken
-        members = np.flatnonzero(stages == stage)  # dealt by index to the units in order
+    rank_in_unit = np.empty(settings.batch, dtype=np.int64)  # among the unit's samples of the same kind
+    for kind in np.argsort(-costs, kind="stable"):
+        taken = water_fill(loads, int(costs[kind]), int(kind_counts[kind]))
+        loads += taken * costs[kind]
+        per_unit[:, kind] = taken
+        members = np.flatnonzero(kinds == kind)  # dealt by index to the units in order
         units[members] = owner = np.repeat(np.arange(settings.units), taken)
         rank_in_unit[members] = np.arange(len(members)) - (np.cumsum(taken) - taken)[owner]
-    # micro-batches: units with the same stage counts pack alike, so pack each distinct composition once
-    radix = int(per_unit.max()) + 1
-    keys = per_unit @ (radix ** np.arange(settings.stages, dtype=np.int64))
-    _, first, which = np.unique(keys, return_index=True, return_inverse=True)
+    # micro-batches: units with the same kind counts pack alike, so pack each distinct composition once
+    _, first, which = np.unique(per_unit, axis=0, return_index=True, return_inverse=True)
     compositions = per_unit[first]
-    descending = np.argsort(-np.asarray(settings.stage_tokens), kind="stable")
+    descending = np.argsort(-kind_tokens, kind="stable")
 
     def tokens_of(row: np.ndarray) -> tuple[int, ...]:
-        return tuple(settings.stage_tokens[s] for s in descending for _ in range(int(row[s])))
+        return tuple(int(kind_tokens[k]) for k in descending for _ in range(int(row[k])))
 
     budget = settings.unit_budget
     needed = [len(first_fit(tokens_of(row), budget)) if budget else 1 for row in compositions]
     num_micro = max(needed)
-    # template[c, offset[c, s] + r]: micro-batch of the r-th stage-s sample of a unit with composition c
+    # template[c, offset[c, k] + r]: micro-batch of the r-th kind-k sample of a unit with composition c
     templates = np.zeros((len(compositions), int(per_unit.sum(1).max())), dtype=np.int64)
     offsets = np.zeros_like(compositions)
     for c, row in enumerate(compositions):
         packed = pack(tokens_of(row), budget, num_micro)
         templates[c, : len(packed)] = packed
         offsets[c, descending] = np.cumsum(row[descending]) - row[descending]
-    kind = which.reshape(-1)[units]
-    micro = templates[kind, offsets[kind, stages] + rank_in_unit]
-    return StepPlan(settings, stages, units, micro, num_micro, loads)
+    composition = which.reshape(-1)[units]
+    micro = templates[composition, offsets[composition, kinds] + rank_in_unit]
+    return StepPlan(settings, stages, units, micro, num_micro, loads, kinds)
 
 
-def stage_tokens(resolution: int, patch_size: int, stages: int) -> tuple[int, ...]:
-    """Tokens of one sample at each cascade stage (stage s has side resolution / 2^(S-1-s))."""
-    return tuple((resolution // 2 ** (stages - 1 - s) // patch_size) ** 2 for s in range(stages))
+def stage_tokens(resolution: int, patch_size: int, stages: int, width: int | None = None) -> tuple[int, ...]:
+    """Tokens of one sample at each cascade stage (stage s halves both sides S-1-s times); `width`: of a
+    resolution x width image (default square)."""
+    sides = (resolution, width or resolution)
+    return tuple(
+        (sides[0] // 2 ** (stages - 1 - s) // patch_size) * (sides[1] // 2 ** (stages - 1 - s) // patch_size)
+        for s in range(stages)
+    )
 
 
 def plan_settings(cfg: Config, units: int, resolution: int | None = None) -> PlanSettings:
