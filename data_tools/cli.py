@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -15,9 +16,22 @@ from pixelflow.data.storage import storage_options
 from pixelflow.errors import ConfigError, ShardFormatError, StorageError
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def _synth(args: argparse.Namespace) -> None:
     options = storage_options(args.output, args.endpoint_url)
-    manifest = write_synthetic_dataset(args.output, args.count, args.per_shard, args.size, args.seed, options)
+    manifest = write_synthetic_dataset(
+        args.output, args.count, args.per_shard, args.size, args.seed, options, tuple(args.aspects)
+    )
     print(f"wrote {manifest.num_samples} samples in {len(manifest.shards)} shards to {args.output}")
 
 
@@ -236,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--per-shard", type=int, default=256, help="samples per shard (default 256)")
     synth.add_argument("--size", type=int, default=80, help="image side in pixels (default 80)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--aspects",
+        type=positive_number,
+        nargs="+",
+        default=[1.0],
+        metavar="W/H",
+        help="width / height ratios, in turn (default square): e.g. 1 0.75 1.333 0.5",
+    )
     synth.add_argument("--endpoint-url", help="S3-compatible endpoint for an s3:// output")
     synth.set_defaults(func=_synth)
 

@@ -27,6 +27,7 @@ from pixelflow.data.shard_format import (
 )
 from pixelflow.data.storage import filesystem
 from pixelflow.errors import ShardFormatError
+from tests.conftest import cli
 
 
 def all_keys(root) -> list[str]:
@@ -204,3 +205,22 @@ def test_expand_ratio_resizes_past_the_crop_and_both_filters_agree():
     bicubic = decode_crop(data, 32, np.random.default_rng(1), expand_ratio=1.125).astype(int)
     lanczos = decode_crop(data, 32, np.random.default_rng(1), expand_ratio=1.125, resize_filter="lanczos")
     assert lanczos.shape == (3, 32, 32) and np.abs(bicubic - lanczos).mean() < 2.0
+
+
+def test_synth_writes_shapes_in_the_aspects_asked_for(tmp_path):
+    out = tmp_path / "aspects"
+    done = cli("data_tools", "synth", out, "--count", 6, "--per-shard", 6, "--size", 40, "--aspects", 1, 2, 0.5)
+    assert done.returncode == 0, done.stderr
+    fs, root = filesystem(str(out))
+    [shard] = read_manifest(fs, root).shards
+    entries = read_index(fs, root, shard.name)
+    sizes = [(entry.width, entry.height) for entry in entries]
+    assert sizes == [(40, 40), (57, 28), (28, 57)] * 2  # about 40 x 40 pixels each, width / height in turn
+    members = parse_sample(
+        fs.cat_file(f"{root}/{shard.name}", start=entries[1].offset, end=entries[1].offset + entries[1].length), "wide"
+    )
+    assert Image.open(io.BytesIO(members["jpg"])).size == (57, 28)
+    bad = cli("data_tools", "synth", tmp_path / "bad", "--aspects", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "pixelflow-data synth: error: argument --aspects: '0' is not a positive number"
+    )
