@@ -33,8 +33,6 @@ def class_name(label: int) -> str:
 
 def image_size(size: int, aspect: float) -> tuple[int, int]:
     """(width, height) of an image of about size x size pixels at width / height = aspect."""
-    if aspect == 1.0:
-        return size, size
     return round(size * math.sqrt(aspect)), round(size / math.sqrt(aspect))
 
 

@@ -603,6 +603,12 @@ def fused_qkv_enabled(cfg: Config, device_type: str) -> bool:
     return plain and (cfg.parallel.fused_qkv if cfg.parallel.fused_qkv is not None else device_type == "cuda")
 
 
+def size_granule(cfg: Config) -> int:
+    """What every image side must be a multiple of: patch_size x 2^(stages-1) (each cascade stage halves both
+    sides, down to whole patches)."""
+    return cfg.model.patch_size * 2 ** (cfg.cascade.stages - 1)
+
+
 def micro_tokens(cfg: Config, resolution: int | None = None) -> int:
     """Tokens one rank may hold in a micro-batch (train.micro_tokens, else micro_batch full-resolution
     samples' worth, at `resolution`: default data.resolution); 0 = no limit."""
@@ -652,7 +658,7 @@ def first_problem(cfg: Config) -> Problem | None:
 def across_sections(cfg: Config) -> Problem | None:
     """Checks of values that only make sense together (and of the top-level keys)."""
     m, c, d, p = cfg.model, cfg.cascade, cfg.data, cfg.parallel
-    granule = m.patch_size * 2 ** (c.stages - 1)
+    granule = size_granule(cfg)
     largest = max(d.resolutions)
     top_tokens = (largest // max(m.patch_size, 1)) ** 2
     tokens = micro_tokens(cfg, largest)

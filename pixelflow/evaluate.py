@@ -75,7 +75,7 @@ DRAWN = ("images", PROVENANCE, "written_rank_*.jsonl", "samples_*.npz", "scores.
 
 def provenance(spec: EvalSpec, cfg: Config, checkpoint: dict, encoder: dict | None) -> dict:
     """Everything the folder's images depend on."""
-    height, width = drawn_size(spec, cfg)
+    height, width = checked_size(spec.size, cfg)
     return {
         "checkpoint": checkpoint,
         "text_encoder": encoder,
@@ -92,11 +92,6 @@ def provenance(spec: EvalSpec, cfg: Config, checkpoint: dict, encoder: dict | No
         "resolution": height if height == width else [height, width],  # a square's as before --size
         "stages": cfg.cascade.stages,
     }
-
-
-def drawn_size(spec: EvalSpec, cfg: Config) -> tuple[int, int]:
-    """(height, width) of the images an eval draws."""
-    return checked_size(spec.size, cfg)
 
 
 def claim_folder(out: Path, record: dict, redraw: bool = False) -> None:
@@ -198,6 +193,7 @@ def draw_images(
     """Draw the missing images of part i of n (a rank, or a SLURM array task); returns how many it drew."""
     steps = spec.steps if spec.steps is not None else cfg.sample.steps_per_stage
     scale = cfg.sample.guidance_scale if spec.cfg_scale is None else spec.cfg_scale
+    size = checked_size(spec.size, cfg)
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     labels = spec.labels()
@@ -224,7 +220,7 @@ def draw_images(
                     device,
                     cfg.sample.solver,
                     text,
-                    size=drawn_size(spec, cfg),
+                    size=size,
                 )
             for i, image in zip(indices, images.permute(0, 2, 3, 1).numpy()):
                 temporary = folder / f".{i:06d}.png.tmp"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pixelflow.cascade import CascadeSchedule, cfg_scales, default_cfg_ramp, sample, to_uint8
-from pixelflow.config import Config
+from pixelflow.config import Config, size_granule
 from pixelflow.devices import flush_denormals
 from pixelflow.errors import ConfigError
 from pixelflow.model import PixelFlowTransformer
@@ -58,11 +58,11 @@ def checked_classes(classes: list[int] | None, cfg: Config, default: int) -> lis
 
 def checked_size(text: str | None, cfg: Config) -> tuple[int, int]:
     """--size HxW (or N for N x N; default: the training resolution), in pixels, each side a multiple of
-    patch_size x 2^(stages-1) (every cascade stage halves both sides down to whole patches)."""
+    `size_granule`."""
     if text is None:
         return cfg.data.resolution, cfg.data.resolution
     parts = text.lower().split("x")
-    granule = cfg.model.patch_size * 2 ** (cfg.cascade.stages - 1)
+    granule = size_granule(cfg)
     sides = [int(part) for part in parts if part.isdigit()] if len(parts) <= 2 else []
     if len(sides) != len(parts) or not all(side > 0 and side % granule == 0 for side in sides):
         raise ConfigError(

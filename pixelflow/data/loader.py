@@ -524,7 +524,7 @@ class DataStream:
                 world_size,
                 world_size - num_lanes,
             )
-        self.data, self.step = data, first_step
+        self.data = data
         self.lanes = list(range(rank, num_lanes, world_size))
         saved = [p for one in self.sources for p in (one.saved["positions"] if one.saved else [0] * one.num_lanes)]
         self.positions = {lane: int(saved[lane]) for lane in self.lanes}
@@ -572,16 +572,17 @@ class DataStream:
         """This rank's samples of the next step's global batch (every worker's piece of it, by slot)."""
         step_slots = next(self._slots)
         pieces = [self._next_piece() for _ in range(self.workers)]
-        assert all(piece.step == self.step == step_slots.step for piece in pieces), "DataLoader workers out of step"
+        step = step_slots.step
+        assert all(piece.step == step for piece in pieces), "DataLoader workers out of step"
         slots = np.concatenate([p.slots for p in pieces]) if pieces else np.zeros(0, dtype=np.int64)
         order = np.argsort(slots, kind="stable")
-        images = torch.cat([p.images for p in pieces]) if pieces else _stack([], self.data.resolution_at(self.step))
+        images = torch.cat([p.images for p in pieces]) if pieces else _stack([], self.data.resolution_at(step))
         labels = torch.cat([p.labels for p in pieces]) if pieces else torch.zeros(0, dtype=torch.int64)
         keys = [key for p in pieces for key in p.keys]
         payloads = [payload for p in pieces for payload in p.payloads]
         index = torch.from_numpy(order)
         share = ReadShare(
-            self.step,
+            step,
             slots[order],
             images[index],
             labels[index],
@@ -601,7 +602,6 @@ class DataStream:
         for piece in pieces:
             self.positions.update(piece.positions)
         self.taken = step_slots.taken
-        self.step += 1
         return share
 
     def close(self) -> None:

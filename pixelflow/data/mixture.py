@@ -49,9 +49,7 @@ class Mixture:
         return source, lane - int(self.first_lanes[source])
 
     def counts(self, step: int) -> np.ndarray:
-        """Samples each source gives the step's global batch."""
-        if len(self.weights) == 1:
-            return np.array([self.batch], dtype=np.int64)
+        """Samples each source gives the step's global batch (one source: all of them, no draw)."""
         return exact_shares(self.batch, self.weights, [self.seed, step, 0x50C5E])
 
 

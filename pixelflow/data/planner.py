@@ -67,10 +67,14 @@ class PlanSettings:
     def stages(self) -> int:
         return len(self.stage_tokens)
 
+    def integer_costs(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Integer cost of one sample of each of these token counts (millions of FLOPs, at least 1)."""
+        return np.array([max(1, math.ceil(self.cost.flops(int(t)) / MEGA)) for t in tokens], dtype=np.int64)
+
     @functools.cached_property
     def stage_costs(self) -> np.ndarray:
-        """Integer cost of one sample per stage (millions of FLOPs, at least 1)."""
-        return np.array([max(1, math.ceil(self.cost.flops(t) / MEGA)) for t in self.stage_tokens], dtype=np.int64)
+        """Integer cost of one sample per stage (the one-bucket kinds)."""
+        return self.integer_costs(self.stage_tokens)
 
     @functools.cached_property
     def kind_tokens(self) -> np.ndarray:
@@ -80,8 +84,8 @@ class PlanSettings:
 
     @functools.cached_property
     def kind_costs(self) -> np.ndarray:
-        """Integer cost of one sample of each kind (millions of FLOPs, at least 1)."""
-        return np.array([max(1, math.ceil(self.cost.flops(int(t)) / MEGA)) for t in self.kind_tokens], dtype=np.int64)
+        """Integer cost of one sample of each kind."""
+        return self.integer_costs(self.kind_tokens)
 
     def check(self) -> str | None:
         """Why these settings cannot be planned, or None."""
